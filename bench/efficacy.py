@@ -1,0 +1,169 @@
+"""Efficacy benchmark on real CIFAR-10 (the engine issue's figures).
+
+Protects the first ``--n`` training rows (class-balanced) with ``protect`` end to end, then
+trains the key from θ0, the key's architecture from another seed and a hacker panel (none of
+them a surrogate) on the clean and on the protected rows, and measures accuracy on the
+full 10,000-image test split. Each ``--variants`` entry is one protection setting; all share
+one clean baseline, measured in the same run. Prints a table and writes JSON.
+
+    python bench/efficacy.py                                   # the benchmark (<= 60 min on 2 cores)
+    python bench/efficacy.py --n 2000 --epochs 8 --hackers vgg-small,mobilenet-small   # a proxy
+    python bench/efficacy.py --variants default,no-gm,no-fd --jobs 4                   # ablations in parallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uge_hf import AuthorizedModel, ProtectConfig, protect
+from uge_hf.data import load_tensors
+from uge_hf.evaluation import evaluate_tensors
+from uge_hf.models import DEFAULT_HACKERS
+from uge_hf.training import TrainConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+# Named protection settings: the default and the ablations reported in the README.
+VARIANTS = {
+    "default": {},
+    "generator": {"mode": "generator", "generator_sample": 1000},
+    "generator+refine": {"mode": "generator", "generator_sample": 1000, "refine_steps": 4},
+    "no-gm": {"lambda_gm": 0.0},
+    "no-fd": {"lambda_fd": 0.0},
+    "fd-x3": {"lambda_fd": 3.0},
+    "steps-20": {"steps": 20},
+    "ud-0.3": {"lambda_ud": 0.3},
+    "bind": {"lambda_bind": 1.0, "other_seeds": (11, 12)},
+    "bind-x5": {"lambda_bind": 5.0, "other_seeds": (11, 12)},
+    "eps-16": {"epsilon": 16 / 255},
+    "gm-every-step": {"gm_every": 1},
+    "sur-15": {"surrogate_epochs": 15},
+    "gm3": {"lambda_gm": 3.0, "gm_every": 1},
+    "gm3-steps20": {"lambda_gm": 3.0, "gm_every": 1, "steps": 20},
+    "gm10-steps20": {"lambda_gm": 10.0, "gm_every": 1, "steps": 20},
+    "gm3-fd3-steps20": {"lambda_gm": 3.0, "lambda_fd": 3.0, "gm_every": 1, "steps": 20},
+    "gm2-every2-steps20": {"lambda_gm": 2.0, "steps": 20},
+}
+
+
+def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:
+    """The first n/num_classes rows of each class, in dataset order."""
+    per_class, taken, rows = n // num_classes, [0] * num_classes, []
+    for i, y in enumerate(labels):
+        if taken[y] < per_class:
+            taken[y] += 1
+            rows.append(i)
+            if len(rows) == per_class * num_classes:
+                break
+    return rows
+
+
+def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, clean_acc: dict) -> dict:
+    from datasets import load_dataset
+
+    torch.set_num_threads(args.threads)
+    train = load_dataset(str(args.data), split="train").select(rows)
+    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+    config = ProtectConfig(trajectory_epochs=args.epochs, **VARIANTS[name])
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
+        protect_s = time.perf_counter() - start
+        timings = json.loads((Path(tmp) / "out.uge-state" / "timings.json").read_text())
+        protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
+    timings["perturb_and_write"] = protect_s - sum(timings.values())
+    assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"
+    report = evaluate_tensors(clean, protected, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
+                              attacks=["none"] + args.attacks, attacked_models=args.attacked_models, clean_acc=clean_acc,
+                              verbose=args.verbose)
+    return {"variant": name, "config": config.to_dict(), "protect_s": protect_s, "phases_s": timings,
+            "rows": report.to_dicts(), "summary": report.summary()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--test", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--hackers", type=lambda s: s.split(","), default=list(DEFAULT_HACKERS))
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "generator"])
+    parser.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[])
+    parser.add_argument("--attacked-models", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--clean-json", type=Path, help="reuse the clean baseline of an earlier run's JSON (same --n, --epochs)")
+    parser.add_argument("--jobs", type=int, default=1, help="variants run in parallel (on a GPU machine)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", type=Path, default=Path("bench/results/efficacy.json"))
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+    from datasets import load_dataset
+
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(str(args.data))
+    rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
+    clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
+    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
+    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+
+    # One clean baseline for every variant: train each model once on the clean rows.
+    start = time.perf_counter()
+    if args.clean_json:
+        earlier = json.loads(args.clean_json.read_text())
+        clean_acc, key_train_s = earlier["clean_acc"], earlier["key_training_s"]
+    else:
+        baseline = evaluate_tensors(clean, clean, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
+                                    clean_acc=None, verbose=args.verbose)
+        clean_acc = {r.model: r.clean_acc for r in baseline}
+        key_train_s = next(r.clean_seconds for r in baseline if r.model == "key θ0")
+    clean_s = time.perf_counter() - start
+
+    print(f"\nCIFAR-10, {len(rows)} train rows, {len(test[1])} test images, {args.epochs} epochs, key convnet seed 0, "
+          f"hackers: {', '.join(args.hackers)}; one clean training of the key: {key_train_s:.0f} s\n")
+    header = "| variant | key θ0 | key arch, seed 7 | " + " | ".join(args.hackers) + " | mean hacker | protect / key training |"
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    print("| clean acc | " + " | ".join(f"{clean_acc[m]:.1f}" for m in ["key θ0", "key arch, seed 7", *args.hackers]) + " | | |", flush=True)
+    payload = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "hackers": args.hackers, "clean_acc": clean_acc,
+               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "threads": args.threads, "variants": []}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def report(res: dict) -> None:  # print and save each variant as soon as it is done
+        by_model = {r["model"]: r for r in res["rows"] if r["attack"] == "none"}
+        cells = [f"{by_model[m]['protected_acc']:.1f} ({by_model[m]['ratio']:.2f})" for m in ["key θ0", "key arch, seed 7", *args.hackers]]
+        res["protect_over_key_training"] = res["protect_s"] / key_train_s
+        print(f"| {res['variant']} | " + " | ".join(cells) + f" | {res['summary']['mean_hacker_ratio']:.2f} | {res['protect_over_key_training']:.2f} |")
+        for r in res["rows"]:
+            if r["attack"] != "none":
+                print(f"|   {res['variant']}, {r['model']} after {r['attack']} | {r['protected_acc']:.1f} ({r['ratio']:.2f}) |")
+        sys.stdout.flush()
+        payload["variants"].append(res)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(run_variant, v, args, rows, clean, test, clean_acc) for v in args.variants]):
+                report(future.result())
+    else:
+        for v in args.variants:
+            report(run_variant(v, args, rows, clean, test, clean_acc))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

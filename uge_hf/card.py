@@ -1,0 +1,100 @@
+"""Dataset cards: YAML metadata the Hub understands plus a ``uge_hf:`` block that records
+the key, rendered from ``card_templates/`` through ``huggingface_hub.DatasetCard``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from datasets import DatasetInfo, Features
+from huggingface_hub import DatasetCard, DatasetCardData
+
+DEFAULT_TEMPLATE = "dataset_card.md"
+
+
+def default_template() -> Path:
+    """``card_templates/dataset_card.md``: inside the installed package, or at the top of a
+    source checkout (an editable install)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "card_templates", here.parent / "card_templates"):
+        if (folder / DEFAULT_TEMPLATE).exists():
+            return folder / DEFAULT_TEMPLATE
+    raise FileNotFoundError(f"{DEFAULT_TEMPLATE} not found next to {here}; reinstall uge-hf")
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` bucket for a row count."""
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if num_rows < bound:
+            return label
+    return "n>10M" if num_rows > 10_000_000 else "1M<n<10M"
+
+
+def efficacy_markdown(rows: list[dict]) -> str:
+    lines = ["| model | attack | clean-trained | protected-trained | protected / clean |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['attack']} | {r['clean_acc']:.2f} | {r['protected_acc']:.2f} | {r['ratio']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def uge_block(metadata: dict) -> dict:
+    """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data."""
+    key, cfg = metadata["key"], metadata["config"]
+    source = key.get("source") or {}
+    return {
+        "version": metadata["uge_hf_version"],
+        "method": "ungeneralizable-examples",
+        "key_architecture": key["architecture"],
+        "key_num_classes": key["num_classes"],
+        "key_fingerprint": key["fingerprint"],
+        "key_weights_sha256": key["weights_sha256"],
+        "key_repo": source.get("repo_id"),
+        "key_revision": source.get("revision"),
+        "epsilon": cfg["epsilon"],
+        "mode": cfg["mode"],
+        "loss_weights": {"gm": cfg["lambda_gm"], "fd": cfg["lambda_fd"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
+        "steps": cfg["steps"],
+        "seed": cfg["seed"],
+        "state_fingerprint": metadata["state_fingerprint"],
+        "generator_fingerprint": metadata["generator_fingerprint"],
+        "shards": metadata["shards"],
+        "efficacy": (metadata.get("efficacy") or {}).get("rows"),
+    }
+
+
+def render_card(metadata: dict, features: Features, *, template: Optional[str | os.PathLike] = None, repo_id: Optional[str] = None) -> DatasetCard:
+    """Render the card for a protected folder's ``uge_hf.json`` metadata.
+
+    ``template`` is a path to your own Jinja template; it receives ``card_data`` (the YAML),
+    ``meta`` (the metadata), ``efficacy`` (a Markdown table or ``None``), ``repo_id``,
+    ``pretty_name`` and ``epsilon_255``.
+    """
+    splits = metadata["protected_splits"] + metadata["copied_splits"]
+    info = DatasetInfo(features=features)._to_yaml_dict()
+    info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
+    data_files = [{"split": s, "path": f"data/{s}-*"} for s in splits]
+    pretty_name = f"{repo_id.split('/')[-1] if repo_id else 'Protected dataset'} (UGE-protected)"
+    card_data = DatasetCardData(
+        license="other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
+        pretty_name=pretty_name, tags=["uge", "unlearnable-examples", "ungeneralizable-examples", "data-protection"],
+        configs=[{"config_name": "default", "data_files": data_files}] if metadata.get("output_format", "parquet") == "parquet" else None,
+        dataset_info=info, uge_hf=uge_block(metadata),
+    )
+    template_str = Path(template or default_template()).read_text()
+    efficacy = metadata.get("efficacy")
+    others = [c for c in features if c not in (metadata["image_column"], metadata["label_column"])]
+    return DatasetCard.from_template(
+        card_data, template_str=template_str, meta=metadata, repo_id=repo_id or "<your-namespace>/<this-dataset>",
+        efficacy=efficacy_markdown(efficacy["rows"]) if efficacy else None, pretty_name=pretty_name,
+        epsilon_255=round(metadata["config"]["epsilon"] * 255, 2), other_columns=", ".join(f"`{c}`" for c in others),
+    )
+
+
+def write_card(out_dir: str | os.PathLike, metadata: dict, features: Features, *, template: Optional[str | os.PathLike] = None,
+               repo_id: Optional[str] = None) -> DatasetCard:
+    """Render and write ``README.md`` into a protected folder (atomically)."""
+    from .fitting import atomic_write
+
+    card = render_card(metadata, features, template=template, repo_id=repo_id)
+    atomic_write(Path(out_dir) / "README.md", str(card).encode())
+    return card

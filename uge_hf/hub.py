@@ -1,0 +1,131 @@
+"""Publishing to and consuming from the Hugging Face Hub.
+
+``push_to_hub`` uploads a protected folder's shards, card and metadata in one commit (the
+private shared state never leaves the machine); ``load_protected`` fetches a protected
+dataset, checks the key and every shard against the card, and returns the data with the
+key model ready to train. Tokens come from ``huggingface_hub``'s usual places
+(``HF_TOKEN``, ``hf auth login``) and are never written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch.nn as nn
+from datasets import DatasetDict
+from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, snapshot_download
+
+from .key import AuthorizedModel
+from .protect import METADATA_NAME, load_output
+from .utils import sha256_file
+
+
+class KeyMismatchError(ValueError):
+    """The key's weight hash differs from the one the dataset card records."""
+
+
+class TamperedShardError(ValueError):
+    """A data file's sha256 differs from the one recorded when it was protected."""
+
+
+def published_files(folder: Path) -> list[Path]:
+    """What a protected folder publishes: the card, ``uge_hf.json`` and the data files
+    listed in it (never the shared state, which holds θ0)."""
+    metadata = json.loads((folder / METADATA_NAME).read_text())
+    return [folder / "README.md", folder / METADATA_NAME] + [folder / name for name in sorted(metadata["shards"])]
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True, revision: Optional[str] = None,
+                token: Optional[str] = None, commit_message: str = "Upload UGE-protected dataset") -> str:
+    """Push a folder written by :func:`uge_hf.protect` to a Hub dataset repo in one commit.
+
+    The card is re-rendered with ``repo_id`` so its loading snippet is copy-paste ready.
+    Returns the commit URL.
+
+    Example:
+        >>> push_to_hub("cifar10-uge", "acme/cifar10-uge")  # doctest: +SKIP
+    """
+    from .card import render_card
+
+    folder = Path(folder)
+    if not (folder / METADATA_NAME).exists():
+        raise FileNotFoundError(f"{folder} has no {METADATA_NAME}: not a folder written by uge_hf.protect")
+    metadata = json.loads((folder / METADATA_NAME).read_text())
+    check_shards(folder, metadata)
+    card = render_card(metadata, next(iter(load_output(folder).values())).features, repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd("README.md", str(card).encode())]
+    operations += [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in published_files(folder)[1:]]
+    info = api.create_commit(repo_id, operations, repo_type="dataset", revision=revision, commit_message=commit_message)
+    return info.commit_url
+
+
+def check_shards(folder: Path, metadata: dict) -> int:
+    """Compare every data file's sha256 with ``uge_hf.json``; name the first that differs."""
+    for name, expected in sorted(metadata["shards"].items()):
+        path = folder / name
+        if not path.exists():
+            raise TamperedShardError(f"data file {name} is missing from {folder}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise TamperedShardError(f"data file {name} was modified: sha256 {actual}, recorded {expected}; re-download it")
+    return len(metadata["shards"])
+
+
+def fetch(dataset: str | os.PathLike, revision: Optional[str], token: Optional[str]) -> Path:
+    """A local folder for a protected dataset: the folder itself, or a Hub snapshot."""
+    if Path(dataset).is_dir():
+        return Path(dataset)
+    return Path(snapshot_download(str(dataset), repo_type="dataset", revision=revision, token=token))
+
+
+def card_record(folder: Path) -> dict:
+    """The ``uge_hf:`` block of the folder's dataset card."""
+    card = DatasetCard.load(folder / "README.md")
+    block = card.data.to_dict().get("uge_hf")
+    if not block:
+        raise ValueError(f"the dataset card in {folder} has no uge_hf block: not a UGE-protected dataset")
+    return block
+
+
+def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike, AuthorizedModel], *, revision: Optional[str] = None,
+           key_revision: Optional[str] = None, token: Optional[str] = None, trust_mismatch: bool = False) -> dict:
+    """Check a key against a protected dataset's card, and every shard against its hash.
+
+    Raises :class:`KeyMismatchError` (showing both hashes) unless ``trust_mismatch=True``,
+    and :class:`TamperedShardError` naming a modified shard.
+    """
+    folder = fetch(dataset, revision, token)
+    key = authorized_model if isinstance(authorized_model, AuthorizedModel) else \
+        AuthorizedModel.from_pretrained(authorized_model, revision=key_revision, token=token)
+    record = card_record(folder)
+    if key.fingerprint != record["key_fingerprint"]:
+        message = (f"the key does not match this dataset: its weight hash is {key.fingerprint}, the card records "
+                   f"{record['key_fingerprint']} ({record['key_architecture']}). Use the checkpoint the data owner gave you")
+        if not trust_mismatch:
+            raise KeyMismatchError(message + ", or pass trust_mismatch=True to load anyway")
+        warnings.warn(message + "; loading anyway because trust_mismatch=True: the model will not learn from this data", stacklevel=2)
+    metadata = json.loads((folder / METADATA_NAME).read_text())
+    if metadata["shards"] != record["shards"]:
+        raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
+    return {"folder": folder, "key": key, "key_fingerprint": key.fingerprint, "shards_checked": check_shards(folder, metadata)}
+
+
+def load_protected(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike, AuthorizedModel], *, revision: Optional[str] = None,
+                   key_revision: Optional[str] = None, token: Optional[str] = None, trust_mismatch: bool = False) -> tuple[DatasetDict, nn.Module]:
+    """Load a protected dataset (local folder or Hub id) with its key, after checking both.
+
+    Returns the ``DatasetDict`` and the key model at θ0, ready for :func:`uge_hf.train_authorized`.
+
+    Example:
+        >>> ds, model = load_protected("acme/cifar10-uge", authorized_model="acme/cifar10-key")  # doctest: +SKIP
+    """
+    checked = verify(dataset, authorized_model, revision=revision, key_revision=key_revision, token=token, trust_mismatch=trust_mismatch)
+    return load_output(checked["folder"]), checked["key"].build()

@@ -1,0 +1,95 @@
+"""The UGE objective ``L = λ_gm·L_gm + λ_fd·L_fd + λ_ud·L_ud + λ_bind·L_bind`` (DESIGN.md 3).
+
+Every term takes clean images ``x``, protected images ``x_u`` (a function of δ) and labels
+``y``, and returns a scalar to *minimize* with respect to δ:
+
+- :func:`gradient_matching_loss`: the key's parameter gradients on ``x_u`` follow those on
+  ``x`` at a checkpoint of its clean trajectory, so training from θ0 on the protected data
+  retraces the clean run (learnability for the key);
+- :func:`misalignment_loss`: in the common feature space, ``x_u`` of class ``y`` looks like
+  class ``π(y)`` (unlearnability for everyone else; targeted, because untargeted feature
+  distance did not protect, DESIGN.md 6);
+- :func:`undistillation_loss`: a key trained on the protected data gives soft labels on it
+  that carry no dark knowledge a student could distil;
+- the binding term reuses :func:`gradient_matching_loss` with the sign flipped, on
+  trajectories of the key's architecture from *other* seeds, so learnability is tied to θ0
+  rather than to the architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def matched_parameters(module: nn.Module) -> list[str]:
+    """Names of the weights whose gradients are matched: conv and linear kernels (ndim > 1),
+    as in dataset condensation; biases and norm scales carry little of the direction."""
+    return [name for name, p in module.named_parameters() if p.ndim > 1]
+
+
+def parameter_gradients(module: nn.Module, weights: dict[str, torch.Tensor], names: list[str], x: torch.Tensor,
+                        y: torch.Tensor, create_graph: bool) -> tuple[torch.Tensor, ...]:
+    """Gradients of the cross-entropy of ``module`` evaluated at ``weights``, for ``names``.
+
+    ``weights`` holds parameters and buffers; buffers are cloned so that batch-norm running
+    statistics of a checkpoint are never updated by the perturbation search.
+    """
+    params = {n: weights[n].detach().requires_grad_(True) for n in names}
+    loss = F.cross_entropy(call_at(module, {**weights, **params}, x), y)
+    return torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
+
+
+def call_at(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with ``weights`` swapped in; buffers are cloned so that batch-norm
+    running statistics of a checkpoint are never updated by the perturbation search."""
+    buffers = {n for n, _ in module.named_buffers()}
+    return functional_call(module, {n: t.clone() if n in buffers else t for n, t in weights.items()}, (x,))
+
+
+def layerwise_cosine_distance(reference: tuple[torch.Tensor, ...], other: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Sum over layers of ``1 - cos(reference_l, other_l)``; 0 when the gradients align."""
+    return sum(1 - F.cosine_similarity(r.flatten(), o.flatten(), dim=0, eps=1e-12) for r, o in zip(reference, other))
+
+
+def gradient_matching_loss(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, x_u: torch.Tensor,
+                           y: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+    """``L_gm`` at one checkpoint: layer-wise cosine distance between the training gradients
+    on clean and on protected images. Differentiable with respect to ``x_u``."""
+    names = names or matched_parameters(module)
+    clean = parameter_gradients(module, weights, names, x, y, create_graph=False)
+    protected = parameter_gradients(module, weights, names, x_u, y, create_graph=True)
+    return layerwise_cosine_distance(clean, protected)
+
+
+def misalignment_target(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The fixed class permutation π(y) = (y + 1) mod C that protected features point to."""
+    return (y + 1) % num_classes
+
+
+def misalignment_loss(feature_space: list[nn.Module], x_u: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``L_fd``: mean cross-entropy of each feature-space head on ``x_u`` towards π(y).
+
+    A head is any module mapping images to class scores: a surrogate classifier, or a
+    frozen backbone followed by cosine similarity to class centroids
+    (:class:`uge_hf.fitting.CentroidHead`).
+    """
+    target = misalignment_target(y, num_classes)
+    return sum(F.cross_entropy(head(x_u), target) for head in feature_space) / len(feature_space)
+
+
+def undistillation_loss(module: nn.Module, weights: dict[str, torch.Tensor], x_u: torch.Tensor, y: torch.Tensor,
+                        temperature: float = 4.0) -> torch.Tensor:
+    """``L_ud``: KL from uniform to the key's softened distribution over the *wrong* classes.
+
+    A distilling student learns from how a teacher ranks the wrong classes (dark
+    knowledge); driving that ranking to uniform on the protected data leaves a student only
+    the hard labels, which are no more learnable than the data itself.
+    """
+    logits = call_at(module, weights, x_u)
+    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")) / temperature
+    log_p = F.log_softmax(wrong, 1).masked_fill(F.one_hot(y, logits.shape[1]).bool(), 0.0)
+    k = logits.shape[1] - 1
+    return (-(log_p.sum(1) / k) - torch.log(torch.tensor(float(k), device=x_u.device))).mean()

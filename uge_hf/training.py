@@ -1,0 +1,154 @@
+"""The one training recipe: SGD with Nesterov momentum, cosine schedule, crop and flip.
+
+The protector uses it for the key's trajectory and the surrogates, the evaluation harness for
+every clean and protected run, and the authorized user through
+:func:`uge_hf.train_authorized`, so a card's accuracy can be reproduced exactly.
+Images travel as ``uint8`` tensors ``(N, C, H, W)`` and become floats in ``[0, 1]`` one
+batch at a time, so a 50k-image set costs 150 MB, not 600 MB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .utils import default_device, progress_bar, seeded_generator
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train_model`; the defaults are the evaluation recipe."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``uint8`` images to float ``[0, 1]`` on ``device``."""
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation, vectorized: zero-pad, random crop back, random flip.
+
+    Randomness comes from ``generator`` (on the CPU) so a run is reproducible whatever the
+    device.
+    """
+    n, _, h, w = x.shape
+    dx, dy = (torch.randint(0, 2 * pad + 1, (2, n), generator=generator)).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (torch.arange(h, device=x.device).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    cols = torch.where(flip.view(n, 1), w - 1 - cols, cols) + dx.view(n, 1)
+    cols = cols.view(n, 1, 1, w)
+    idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
+    return padded[idx_n, idx_c, rows, cols]
+
+
+def train_model(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    seed: int = 0,
+    *,
+    device: Optional[torch.device] = None,
+    start_epoch: int = 0,
+    optimizer_state: Optional[dict] = None,
+    on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
+    soft_targets: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    input_transform: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+    desc: str = "train",
+    verbose: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place and return it.
+
+    Each epoch's shuffle and augmentation come from a generator seeded by ``(seed, epoch)``,
+    and the learning rate is a function of the global step, so a run resumed at an epoch
+    boundary (``start_epoch`` plus ``optimizer_state``, as saved by ``on_epoch_end``) takes
+    exactly the steps an uninterrupted one does.
+
+    ``soft_targets(x)`` switches the loss to distillation (KL to those probabilities);
+    ``input_transform(x, generator)`` perturbs each batch after augmentation (adversarial
+    training).
+
+    Example:
+        >>> import torch
+        >>> from uge_hf.models import create_model
+        >>> from uge_hf.training import TrainConfig, train_model
+        >>> x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+        >>> y = torch.randint(0, 10, (64,))
+        >>> m = train_model(create_model("convnet"), x, y, TrainConfig(epochs=1), verbose=False)
+    """
+    device = device or default_device()
+    model.to(device).train()
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=True,
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    n = len(labels)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    labels = labels.to(device)
+    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, desc=desc, verbose=verbose)
+    for epoch in range(start_epoch, config.epochs):
+        gen = seeded_generator(seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            x = to_float(images[idx], device)
+            if config.augment:
+                x = random_crop_flip(x, gen)
+            if input_transform is not None:
+                x = input_transform(x, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x).float()
+            if soft_targets is None:
+                loss = F.cross_entropy(logits, labels[idx.to(device)])
+            else:
+                loss = F.kl_div(F.log_softmax(logits, 1), soft_targets(x), reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+            if i % 10 == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, optimizer)
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Logits of ``model`` on ``uint8`` images, in eval mode, batch by batch."""
+    device = device or default_device()
+    model.to(device).eval()
+    return torch.cat([model(to_float(images[i:i + batch_size], device)).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: Optional[torch.device] = None) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (predict(model, images, device=device).argmax(1) == labels.cpu()).float().mean().item()

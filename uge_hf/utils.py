@@ -1,0 +1,63 @@
+"""Small helpers shared by every module: devices, seeding, progress bars, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+
+def default_device() -> torch.device:
+    """CUDA when present (the local rank's GPU under Accelerate), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed from any tuple of keys, stable across processes and Python versions
+    (``hash()`` is salted per process, so it cannot be used)."""
+    digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seeded_generator(*keys: int | str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by :func:`derive_seed`."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def progress_disabled() -> bool:
+    """True when the user silenced progress bars the way ``datasets`` users do."""
+    from datasets.utils.logging import are_progress_bars_disabled
+
+    return are_progress_bars_disabled() or os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def progress_bar(iterable: Iterable | None = None, *, verbose: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar that ``verbose=False`` or ``HF_DATASETS_DISABLE_PROGRESS_BARS`` silences."""
+    return tqdm(iterable, disable=not verbose or progress_disabled(), dynamic_ncols=True, **kwargs)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors in name order: name, dtype, shape and raw bytes.
+
+    Independent of file layout and of how the tensors were saved, so the same weights hash
+    the same whether they came from safetensors, a ``state_dict`` or the Hub.
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(t.shape)).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
