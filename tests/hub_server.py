@@ -122,6 +122,8 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/api/whoami-v2":
                 return self.send(200, {"type": "user", "name": USER, "orgs": [], "auth": {"accessToken": {"role": "write"}}}) \
                     if self.authorized() else self.error(401, "Invalid credentials in Authorization header")
+            if path == "/api/validate-yaml" and method == "POST":
+                return self.validate_yaml(json.loads(self.body()))
             if path == "/api/repos/create" and method == "POST":
                 return self.create_repo(json.loads(self.body()))
             if m := re.fullmatch(rf"/api/{kinds}/{rid}/preupload/(.+)", path):
@@ -157,8 +159,25 @@ class Handler(BaseHTTPRequestHandler):
         if (kind, repo_id) in repos:
             return self.send(409, {"error": "You already created this repo", "url": url})
         root = new_commit_sha(kind, repo_id)
-        repos[(kind, repo_id)] = {"private": bool(payload.get("private")), "branches": {"main": root}, "commits": {root: {}}}
+        private = payload.get("visibility", "private" if payload.get("private") else "public") != "public"
+        repos[(kind, repo_id)] = {"private": private, "branches": {"main": root}, "commits": {root: {}}}
         self.send(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def validate_yaml(self, payload: dict):
+        """The card's YAML header must parse to a mapping whose standard fields have the right shape."""
+        import yaml
+
+        match = re.match(r"^---\n(.*?)\n---\n", payload.get("content", ""), re.S)
+        try:
+            meta = yaml.safe_load(match[1]) if match else {}
+            if not isinstance(meta, dict):
+                raise ValueError("the YAML header is not a mapping")
+            for field in ("tags", "task_categories", "size_categories"):
+                if field in meta and not isinstance(meta[field], (list, str)):
+                    raise ValueError(f"'{field}' must be a string or a list of strings")
+        except Exception as error:
+            return self.send(400, raw=f"Invalid metadata in README.md: {error}".encode())
+        self.send(200, {"errors": [], "warnings": []})
 
     def branch(self, kind: str, repo_id: str, name: str):
         repo = self.repo(kind, repo_id, write=True)

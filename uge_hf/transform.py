@@ -33,6 +33,17 @@ from .training import random_crop_flip, to_float
 from .utils import default_device, progress_bar, seeded_generator, tensors_fingerprint
 
 
+_IMPORT_PID = os.getpid()
+
+
+def fork_safe_threads() -> None:
+    """A worker forked after torch used its thread pool (``Dataset.map(num_proc=N)``) hangs
+    on its first parallel op: such a worker computes on one thread, as is right anyway for
+    N workers sharing the cores."""
+    if os.getpid() != _IMPORT_PID and torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
 class Objective:
     """The UGE objective bound to a shared state on one device: ``objective(x, x_u, y, gen)``."""
 
@@ -268,6 +279,7 @@ class UGETransform:
     def perturb(self, images: Sequence[torch.Tensor], labels: torch.Tensor, device: Optional[torch.device] = None) -> list[torch.Tensor]:
         """Protect one batch: ``uint8`` ``(C, H, W)`` images (sizes may differ) and labels in,
         ``uint8`` protected images out. Images of one size are optimized together."""
+        fork_safe_threads()
         device = device or default_device()
         self._bind(device)
         cfg = self.config

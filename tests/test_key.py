@@ -1,0 +1,58 @@
+import hashlib
+import json
+
+import pytest
+import torch
+
+from uge_hf import AuthorizedModel
+
+
+def test_same_seed_same_fingerprint_other_seed_other(key):
+    assert AuthorizedModel.create("convnet", 10, seed=0).fingerprint == key.fingerprint
+    assert key.sibling(1).fingerprint != key.fingerprint
+
+
+def test_fingerprint_survives_save_and_load(tmp_path, key):
+    key.save_pretrained(tmp_path)
+    loaded = AuthorizedModel.from_pretrained(tmp_path)
+    assert loaded.fingerprint == key.fingerprint
+    assert json.loads((tmp_path / "config.json").read_text())["architecture"] == "convnet"
+    assert key.weights_file_sha256 == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_fingerprint_is_independent_of_tensor_order(key):
+    reordered = AuthorizedModel("convnet", dict(reversed(list(key.state_dict.items()))), 10)
+    assert reordered.fingerprint == key.fingerprint
+
+
+def test_any_weight_change_changes_fingerprint(key):
+    for name in list(key.state_dict)[:3]:
+        weights = {k: v.clone() for k, v in key.state_dict.items()}
+        weights[name].view(-1)[0] += 1e-6
+        assert AuthorizedModel("convnet", weights, 10).fingerprint != key.fingerprint
+
+
+def test_build_gives_fresh_theta0(key):
+    model = key.build()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert key.build().state_dict()["features.1.weight"].equal(key.state_dict["features.1.weight"])
+
+
+def test_tampered_weights_are_refused(tmp_path, key):
+    key.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["fingerprint"] = "0" * 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="weights were changed"):
+        AuthorizedModel.from_pretrained(tmp_path)
+
+
+def test_missing_weights_say_how_to_make_a_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="uge-hf keygen"):
+        AuthorizedModel.from_pretrained(tmp_path)
+
+
+def test_public_key_push_needs_explicit_consent(key):
+    with pytest.raises(ValueError, match="allow_public=True"):
+        key.push_to_hub("someone/key", private=False)

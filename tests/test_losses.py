@@ -1,0 +1,57 @@
+import math
+
+import torch
+
+from uge_hf.losses import (gradient_matching_loss, layerwise_cosine_distance, misalignment_loss, misalignment_target,
+                           undistillation_loss)
+from uge_hf.models import create_model
+from uge_hf.transform import quantize
+
+torch.manual_seed(0)
+NET = create_model("convnet", 10).train()
+WEIGHTS = {**{k: v.detach() for k, v in NET.named_parameters()}, **dict(NET.named_buffers())}
+X = torch.rand(16, 3, 32, 32)
+Y = torch.randint(0, 10, (16,))
+
+
+def test_gradient_matching_is_zero_for_unperturbed_images():
+    assert gradient_matching_loss(NET, WEIGHTS, X, X.clone(), Y).item() < 1e-5
+
+
+def test_gradient_matching_grows_with_perturbation_and_is_differentiable():
+    delta = (torch.rand_like(X) * 2 - 1).mul_(0.3).requires_grad_(True)
+    loss = gradient_matching_loss(NET, WEIGHTS, X, (X + delta).clamp(0, 1), Y)
+    assert loss.item() > 1e-3
+    grad, = torch.autograd.grad(loss, delta)
+    assert grad.abs().sum() > 0
+
+
+def test_cosine_distance_bounds():
+    a = (torch.ones(3), torch.ones(2, 2))
+    assert layerwise_cosine_distance(a, a).item() < 1e-6
+    assert math.isclose(layerwise_cosine_distance(a, tuple(-t for t in a)).item(), 4.0, rel_tol=1e-6)
+
+
+def test_misalignment_targets_the_next_class_and_descends():
+    assert misalignment_target(torch.tensor([0, 9]), 10).tolist() == [1, 0]
+    head = create_model("vgg-tiny", 10).eval()
+    x = X.clone().requires_grad_(True)
+    loss = misalignment_loss([head], x, Y, 10)
+    grad, = torch.autograd.grad(loss, x)
+    assert misalignment_loss([head], (x - 0.05 * grad.sign()).detach(), Y, 10) < loss
+
+
+def test_undistillation_is_zero_when_wrong_classes_are_uniform():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(Y, 10).float() * 5
+
+    assert abs(undistillation_loss(Fixed(), {}, X, Y).item()) < 1e-6
+    assert undistillation_loss(NET, WEIGHTS, X, Y).item() >= 0
+
+
+def test_quantize_keeps_every_pixel_within_epsilon_after_rounding():
+    clean = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    wild = clean.float() / 255 + (torch.rand(clean.shape) * 2 - 1) * 0.2
+    out = quantize(wild, clean, 8 / 255)
+    assert out.dtype == torch.uint8 and (out.int() - clean.int()).abs().max() <= 8

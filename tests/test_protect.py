@@ -1,0 +1,173 @@
+import io
+import json
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset
+
+from uge_hf import ProtectConfig, UGETransform, protect
+from uge_hf.config import parse_epsilon
+from uge_hf.data import load_tensors
+from uge_hf.utils import sha256_file
+
+
+def pixels(ds, column="img"):
+    return load_tensors(ds, column, "label", 3, verbose=False)[0].int()
+
+
+def test_protected_folder_is_a_hub_dataset_repo(protected_dir, small_train):
+    files = sorted(p.relative_to(protected_dir).as_posix() for p in protected_dir.rglob("*") if p.is_file())
+    assert files == ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "uge_hf.json"]
+    out = load_dataset(str(protected_dir))
+    assert list(out) == ["train"] and len(out["train"]) == len(small_train)
+    assert out["train"].features == small_train.features
+    assert out["train"]["label"][:] == small_train["label"][:]
+
+
+def test_every_pixel_within_epsilon_and_actually_perturbed(protected_dir, small_train):
+    diff = (pixels(load_dataset(str(protected_dir))["train"]) - pixels(small_train)).abs()
+    assert diff.max().item() == 8  # the whole budget is used, never more
+    assert diff.float().mean().item() > 1.0
+
+
+def test_stored_as_png_without_source_paths(protected_dir):
+    raw = load_dataset(str(protected_dir))["train"].cast_column("img", Image(decode=False))
+    for item in raw.select(range(5))["img"]:
+        assert item["path"] is None
+        assert PIL.Image.open(io.BytesIO(item["bytes"])).format == "PNG"
+
+
+def test_metadata_records_key_config_and_shard_hashes(protected_dir, key, fast_config):
+    meta = json.loads((protected_dir / "uge_hf.json").read_text())
+    assert meta["key"]["fingerprint"] == key.fingerprint
+    assert ProtectConfig.from_dict(meta["config"]) == fast_config
+    for name, sha in meta["shards"].items():
+        assert sha256_file(protected_dir / name) == sha
+    assert not list(protected_dir.rglob("*.safetensors")), "the shared state (θ0 inside) must never be in the output"
+
+
+def test_same_inputs_same_bytes(tmp_path, protected_dir, small_train, key, fast_config):
+    protect(small_train, key, fast_config, output_dir=tmp_path / "again", shard_size=125, verbose=False)
+    for shard in (protected_dir / "data").iterdir():
+        assert sha256_file(tmp_path / "again" / "data" / shard.name) == sha256_file(shard)
+
+
+def test_transform_in_datasets_map_matches_protect(protected_dir, small_train, key, fast_config):
+    transform = UGETransform.from_pretrained(protected_dir.with_name(protected_dir.name + ".uge-state") / "state")
+    mapped = small_train.map(transform, batched=True, batch_size=transform.batch_size)
+    expected = load_dataset(str(protected_dir))["train"]
+    assert (pixels(mapped) == pixels(expected)).all()
+
+
+def test_transform_pickles_and_fingerprints_deterministically(protected_dir, small_train):
+    from datasets.fingerprint import Hasher
+
+    state_dir = protected_dir.with_name(protected_dir.name + ".uge-state") / "state"
+    a, b = UGETransform.from_pretrained(state_dir), UGETransform.from_pretrained(state_dir)
+    assert Hasher.hash(a) == Hasher.hash(b)
+    assert pickle.loads(pickle.dumps(a)).fingerprint == a.fingerprint
+    two = small_train.select(range(250)).map(a, batched=True, batch_size=125, num_proc=2)
+    one = small_train.select(range(250)).map(b, batched=True, batch_size=125)
+    assert two._fingerprint == one._fingerprint
+    assert (pixels(two) == pixels(one)).all()
+
+
+def test_generator_mode_is_fast_and_within_budget(tmp_path, small_train, key):
+    config = ProtectConfig.preset("fast", mode="generator", batch_size=125)
+    out = protect(small_train, key, config, output_dir=tmp_path / "gen", verbose=False)
+    diff = (pixels(out["train"]) - pixels(small_train)).abs()
+    assert diff.max().item() <= 8 and diff.float().mean().item() > 1.0
+    assert json.loads((tmp_path / "gen" / "uge_hf.json").read_text())["generator_fingerprint"]
+
+
+def test_dataset_dict_protects_named_splits_and_copies_the_rest(tmp_path, cifar, key, fast_config):
+    ds = DatasetDict({"train": cifar["train"].select(range(125)), "test": cifar["test"].select(range(50))})
+    out = protect(ds, key, fast_config, output_dir=tmp_path / "dd", splits=["train"], verbose=False)
+    assert set(out) == {"train", "test"}
+    assert (pixels(out["test"]) == pixels(ds["test"])).all()
+    dropped = protect(ds, key, fast_config, output_dir=tmp_path / "dd2", splits=["train"], other_splits="drop", verbose=False)
+    assert set(dropped) == {"train"}
+
+
+def test_modes_and_mixed_sizes(tmp_path, cifar, key):
+    """L, RGBA, P images and mixed sizes: each perturbed at native size, output RGB PNG."""
+    base = cifar["train"].select(range(12))
+    images = []
+    for i, img in enumerate(base["img"]):
+        img = img.resize((40, 28)) if i % 3 == 0 else img
+        images.append(img.convert(["L", "RGBA", "P", "RGB"][i % 4]))
+    ds = Dataset.from_dict({"img": images, "label": base["label"]}, features=base.features)
+    out = protect(ds, key, ProtectConfig.preset("fast", batch_size=6), output_dir=tmp_path / "modes", verbose=False)
+    sizes = [im.size for im in out["train"]["img"]]
+    assert sizes == [im.size for im in images]
+    for before, after in zip(images, out["train"]["img"]):
+        diff = np.abs(np.asarray(after.convert("RGB"), dtype=int) - np.asarray(before.convert("RGB"), dtype=int))
+        assert after.mode == "RGB" and diff.max() <= 8
+
+
+# -- bad input: a clear error before any work, nothing written ------------------------------
+
+def assert_refused(tmp_path, dataset, key, match, **kwargs):
+    out = tmp_path / "refused"
+    with pytest.raises((ValueError, FileExistsError), match=match):
+        protect(dataset, key, ProtectConfig.preset("fast"), output_dir=out, verbose=False, **kwargs)
+    assert not out.exists() and not out.with_name("refused.uge-state").exists()
+
+
+def test_refuses_missing_image_column(tmp_path, small_train, key):
+    assert_refused(tmp_path, small_train.remove_columns("img"), key, "no Image column found.*columns are: label.*image_column=")
+
+
+def test_refuses_wrong_column_name(tmp_path, small_train, key):
+    assert_refused(tmp_path, small_train, key, "column 'image' not found; columns are: img, label", image_column="image")
+
+
+def test_refuses_missing_label_column(tmp_path, small_train, key):
+    assert_refused(tmp_path, small_train.remove_columns("label"), key, "no ClassLabel column.*label_column=")
+
+
+def test_refuses_labels_outside_the_key(tmp_path, small_train, key):
+    ds = small_train.cast_column("label", Value("int64")).map(lambda r, i: {"label": 12 if i == 7 else r["label"]}, with_indices=True)
+    assert_refused(tmp_path, ds, key, "row 7 has label 12, outside the key's classes 0..9", label_column="label")
+
+
+def test_refuses_more_classes_than_the_key(tmp_path, small_train, key):
+    ds = small_train.cast_column("label", ClassLabel(num_classes=20))
+    assert_refused(tmp_path, ds, key, "20 classes but the key has 10")
+
+
+def test_refuses_empty_split(tmp_path, small_train, key):
+    assert_refused(tmp_path, small_train.select([]), key, "empty")
+
+
+def test_refuses_undecodable_image_and_names_its_row(tmp_path, small_train, key):
+    raw = small_train.select(range(20)).cast_column("img", Image(decode=False))
+    broken = raw.map(lambda r, i: {"img": {"bytes": b"not an image" if i == 13 else r["img"]["bytes"], "path": None}}, with_indices=True)
+    assert_refused(tmp_path, broken.cast_column("img", Image()), key, "row 13 of column 'img' is not a decodable image")
+
+
+def test_refuses_an_output_folder_holding_another_run(tmp_path, protected_dir, small_train, key):
+    other = ProtectConfig.preset("fast", seed=1)
+    before = sha256_file(protected_dir / "uge_hf.json")
+    with pytest.raises(FileExistsError, match="holds another run.*overwrite=True"):
+        protect(small_train, key, other, output_dir=protected_dir, verbose=False)
+    assert sha256_file(protected_dir / "uge_hf.json") == before
+
+
+@pytest.mark.parametrize("value", [0.0, -1 / 255, 2.0])
+def test_refuses_epsilon_outside_unit_interval(value):
+    with pytest.raises(ValueError, match=r"epsilon must lie in \(0, 1\]"):
+        ProtectConfig(epsilon=value)
+    with pytest.raises(ValueError, match="epsilon"):
+        parse_epsilon(str(value))
+
+
+def test_refuses_unparsable_epsilon():
+    with pytest.raises(ValueError, match="write it like 8/255"):
+        parse_epsilon("abc")
+
+
+def test_epsilon_parsing():
+    assert parse_epsilon("8/255") == 8 / 255 and parse_epsilon(0.5) == 0.5
