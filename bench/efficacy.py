@@ -28,9 +28,9 @@ import torch
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.data import load_tensors
-from uge_hf.evaluation import evaluate_tensors
+from uge_hf.evaluation import evaluate_tensors, model_panel
 from uge_hf.models import DEFAULT_HACKERS
-from uge_hf.training import TrainConfig
+from uge_hf.training import TrainConfig, accuracy, train_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -126,10 +126,13 @@ def main() -> None:
         earlier = json.loads(args.clean_json.read_text())
         clean_acc, key_train_s = earlier["clean_acc"], earlier["key_training_s"]
     else:
-        baseline = evaluate_tensors(clean, clean, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
-                                    clean_acc=None, verbose=args.verbose)
-        clean_acc = {r.model: r.clean_acc for r in baseline}
-        key_train_s = next(r.clean_seconds for r in baseline if r.model == "key θ0")
+        clean_acc, seconds = {}, {}
+        for name, factory in model_panel(key, args.hackers):
+            tic = time.perf_counter()
+            model = train_model(factory(), *clean, TrainConfig(epochs=args.epochs), 0, desc=f"{name} on clean", verbose=args.verbose)
+            seconds[name] = time.perf_counter() - tic
+            clean_acc[name] = accuracy(model, *test)
+        key_train_s = seconds["key θ0"]
     clean_s = time.perf_counter() - start
 
     print(f"\nCIFAR-10, {len(rows)} train rows, {len(test[1])} test images, {args.epochs} epochs, key convnet seed 0, "

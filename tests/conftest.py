@@ -30,11 +30,15 @@ os.environ.update({
     "HF_HUB_DISABLE_XET": "1",
     "HF_HOME": _HOME,  # a fresh Hub cache and no stored login
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 })
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("HF_DATASETS_OFFLINE", None)
 os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+
+import datasets  # noqa: E402  (after the environment above)
+
+datasets.disable_progress_bars()  # quiet logs; tests that check the bars turn them back on
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = Path(os.environ.get("UGE_HF_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))

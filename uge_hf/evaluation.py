@@ -139,10 +139,7 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ValueError(f"unknown attack(s) {unknown}; available: {', '.join(ATTACKS)}")
-    models: list[tuple[str, Callable[[], nn.Module]]] = [("key θ0", key.build)]
-    models += [(f"key arch, seed {s}", key.sibling(s).build) for s in sibling_seeds]
-    for i, arch in enumerate(hackers):
-        models.append((arch, _seeded_factory(arch, key, 1000 + i)))
+    models = model_panel(key, hackers, sibling_seeds)
     report, teachers = EvaluationReport(), {}
     clean_acc = dict(clean_acc or {})
     for name, factory in models:
@@ -178,6 +175,13 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
             model = train_model(model, x, y, train_config, seed, desc=f"{name} on protected, {attack}", verbose=verbose, **kwargs)
             report.append(Result(name, attack, clean_acc[name], accuracy(model, *test), time.perf_counter() - start))
     return report
+
+
+def model_panel(key: AuthorizedModel, hackers: Sequence[str] = DEFAULT_HACKERS, sibling_seeds: Sequence[int] = (7,)) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The evaluated models, by name, each a factory of a freshly initialized module: the key
+    from θ0, the key's architecture from each sibling seed, and each hacker (fixed seeds)."""
+    models = [("key θ0", key.build)] + [(f"key arch, seed {s}", key.sibling(s).build) for s in sibling_seeds]
+    return models + [(arch, _seeded_factory(arch, key, 1000 + i)) for i, arch in enumerate(hackers)]
 
 
 def _seeded_factory(arch: str, key: AuthorizedModel, seed: int) -> Callable[[], nn.Module]:

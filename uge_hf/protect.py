@@ -51,7 +51,12 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
     out = DatasetDict()
     for name, split in dict(dataset).items():
         if isinstance(split, IterableDataset):
-            split = Dataset.from_generator(lambda s=split: (yield from s), features=split.features)
+            # Stream the encoded bytes: decoding and re-encoding would recompress JPEGs.
+            raw = split
+            for name, feature in split.features.items():
+                if isinstance(feature, Image):
+                    raw = raw.cast_column(name, Image(decode=False))
+            split = Dataset.from_generator(lambda s=raw: (yield from s), features=split.features)
         out[name] = split
     return out
 
@@ -175,7 +180,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
     temporary = output_dir is None
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
     state_path = Path(state_dir) if state_dir is not None else out.with_name(out.name + ".uge-state")
-    accelerator = PartialState()
+    # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
+    accelerator = PartialState(cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         for name in splits:
             check_images(data[name], columns[0], verbose)
@@ -206,7 +212,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
             continue
         sha = protect_shard(transform, data[name], rows, path, verbose)
-        atomic_write(record, json.dumps({"sha256": sha, "rows": [rows.start, rows.stop]}).encode())
+        atomic_write(record, json.dumps({"sha256": sha, "rows": [rows.start, rows.stop], "process": accelerator.process_index}).encode())
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:

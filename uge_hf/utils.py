@@ -31,7 +31,7 @@ def seeded_generator(*keys: int | str) -> torch.Generator:
 
 def progress_disabled() -> bool:
     """True when the user silenced progress bars the way ``datasets`` users do."""
-    from datasets.utils.logging import are_progress_bars_disabled
+    from datasets.utils.tqdm import are_progress_bars_disabled
 
     return are_progress_bars_disabled() or os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}
 

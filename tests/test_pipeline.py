@@ -1,0 +1,123 @@
+"""The pipeline under stress: several processes, interruption, other inputs, progress."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from datasets import load_dataset, load_from_disk
+
+from uge_hf import ProtectConfig, protect
+from uge_hf.utils import sha256_file
+
+from .conftest import CIFAR10
+
+PROTECT = ["protect", str(CIFAR10), "--split", "train", "--limit", "200", "--preset", "fast", "--batch-size", "50",
+           "--shard-size", "50", "--quiet"]
+
+
+def run_env():
+    # Bytes are identical across process counts at equal threads per process (weight-gradient
+    # reductions depend on the thread split), so every run here computes on one thread.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def folder_digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def key_dir(tmp_path_factory):
+    from uge_hf import AuthorizedModel
+
+    path = tmp_path_factory.mktemp("pipeline") / "key"
+    AuthorizedModel.create("convnet", 10, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(key_dir):
+    """An uninterrupted single-process run."""
+    out = key_dir.parent / "reference"
+    subprocess.run([sys.executable, "-m", "uge_hf", *PROTECT, "--key", str(key_dir), "--out", str(out)], env=run_env(), check=True)
+    return folder_digest(out)
+
+
+def test_two_accelerate_processes_give_the_same_bytes_as_one(key_dir, reference):
+    out = key_dir.parent / "two-processes"
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uge_hf", *PROTECT, "--key", str(key_dir),
+                    "--out", str(out)], env=run_env(), check=True)
+    assert folder_digest(out) == reference
+    records = [json.loads(p.read_text()) for p in (key_dir.parent / "two-processes.uge-state" / "progress").iterdir()]
+    assert {r["process"] for r in records} == {0, 1}, "both processes must have protected shards"
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("phase", ["shared-state", "shards"])
+def test_killed_run_resumes_to_identical_bytes(key_dir, reference, phase):
+    out = key_dir.parent / f"killed-{phase}"
+    state = out.with_name(out.name + ".uge-state")
+    args = [sys.executable, "-m", "uge_hf", *PROTECT, "--key", str(key_dir), "--out", str(out)]
+    proc = subprocess.Popen(args, env=run_env())
+    if phase == "shared-state":  # after the trajectory's first epoch checkpoint, before the state is complete
+        kill_when(proc, lambda: (state / "cache" / "trajectory.resume.pt").exists() or (state / "cache" / "trajectory.safetensors").exists())
+        assert not (state / "state" / "state.json").exists()
+    else:  # after the first shard, before the last
+        kill_when(proc, lambda: (state / "progress").exists() and len(list((state / "progress").iterdir())) >= 1)
+        assert len(list((state / "progress").iterdir())) < 4
+    subprocess.run(args, env=run_env(), check=True)
+    assert folder_digest(out) == reference
+
+
+def test_streamed_input_gives_the_same_images(tmp_path, cifar, key, fast_config):
+    stream = load_dataset(str(CIFAR10), split="test", streaming=True).take(125)
+    out = protect(stream, key, fast_config, output_dir=tmp_path / "stream", verbose=False)
+    materialized = protect(cifar["test"].select(range(125)), key, fast_config, output_dir=tmp_path / "direct", verbose=False)
+    (streamed,) = out.values()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(streamed["img"], materialized["test"]["img"]))
+
+
+def test_arrow_output_format(tmp_path, small_train, key, fast_config):
+    out = tmp_path / "arrow-out"
+    protect(small_train.select(range(125)), key, fast_config, output_dir=out, output_format="arrow", verbose=False)
+    ds = load_from_disk(str(out / "arrow"))
+    assert len(ds["train"]) == 125 and (out / "README.md").exists()
+    meta = json.loads((out / "uge_hf.json").read_text())
+    assert all(sha256_file(out / name) == sha for name, sha in meta["shards"].items())
+
+
+def test_progress_bars_show_and_can_be_silenced(tmp_path, small_train, key, fast_config, capfd, monkeypatch):
+    from datasets.utils.tqdm import disable_progress_bars, enable_progress_bars
+
+    ds = small_train.select(range(125))
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    enable_progress_bars()  # the suite runs with them off (conftest); datasets reads the variable once
+    try:
+        protect(ds, key, fast_config, output_dir=tmp_path / "loud", verbose=True)
+    finally:
+        disable_progress_bars()
+    err = capfd.readouterr().err
+    assert "trajectory" in err and "protect shards" in err
+    enable_progress_bars()
+    try:
+        protect(ds, key, fast_config, output_dir=tmp_path / "quiet", verbose=False)
+    finally:
+        disable_progress_bars()
+    assert "protect shards" not in capfd.readouterr().err
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    protect(ds, key, fast_config, output_dir=tmp_path / "env-quiet", verbose=True)
+    assert "protect shards" not in capfd.readouterr().err
