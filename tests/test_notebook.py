@@ -1,6 +1,5 @@
 """The quickstart notebook runs top to bottom (outputs are stripped in git)."""
 
-import os
 
 import nbformat
 from nbclient import NotebookClient

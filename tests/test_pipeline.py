@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset, load_from_disk
 
-from uge_hf import ProtectConfig, protect
+from uge_hf import protect
 from uge_hf.utils import sha256_file
 
 from .conftest import CIFAR10

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .key import AuthorizedModel
 from .models import DEFAULT_HACKERS, create_model
-from .training import TrainConfig, accuracy, predict, to_float, train_model
+from .training import TrainConfig, accuracy, train_model
 
 
 def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -29,8 +28,8 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 
 from . import __version__
 from .config import ProtectConfig
-from .data import decode_image, find_columns, label_array, validate_labels
-from .fitting import SharedState, atomic_write
+from .data import decode_image, find_columns, validate_labels
+from .fitting import atomic_write
 from .key import AuthorizedModel
 from .transform import UGETransform, encode_png, to_pixels
 from .utils import progress_bar, sha256_file
@@ -177,7 +176,6 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         raise ValueError(f"fit_split {fit_split!r} not found; the dataset has: {', '.join(data)}")
     rid = run_id(key, config, {s: data[s] for s in splits}, columns, fit_split)
 
-    temporary = output_dir is None
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
     state_path = Path(state_dir) if state_dir is not None else out.with_name(out.name + ".uge-state")
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
