@@ -107,6 +107,16 @@ def test_modes_and_mixed_sizes(tmp_path, cifar, key):
         assert after.mode == "RGB" and diff.max() <= 8
 
 
+def test_resize_policy(tmp_path, cifar, key):
+    """With ProtectConfig.resize every image comes out at that size, within epsilon of the resized original."""
+    ds = cifar["train"].select(range(8))
+    config = ProtectConfig.preset("fast", batch_size=8, resize=(24, 20))
+    out = protect(ds, key, config, output_dir=tmp_path / "resized", verbose=False)
+    assert {im.size for im in out["train"]["img"]} == {(24, 20)}
+    resized = load_tensors(ds, "img", "label", 3, size=(24, 20), verbose=False)[0].int()
+    assert (pixels(out["train"]) - resized).abs().max() <= 8
+
+
 # -- bad input: a clear error before any work, nothing written ------------------------------
 
 def assert_refused(tmp_path, dataset, key, match, **kwargs):

@@ -31,6 +31,9 @@ def _protect(args) -> int:
     for name in ("mode", "steps", "seed", "batch_size"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.resize:
+        width, _, height = args.resize.partition("x")
+        overrides["resize"] = (int(width), int(height or width))
     config = ProtectConfig.preset(args.preset, **overrides)
     dataset = args.dataset
     if args.limit is not None or args.split:
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--resize", help="resize every image to WxH before protecting (default: keep native sizes)")
     p.add_argument("--shard-size", type=int, default=5000)
     p.add_argument("--format", default="parquet", choices=["parquet", "arrow"])
     p.add_argument("--image-column")

@@ -42,6 +42,7 @@ class ProtectConfig:
     steps: int = 10
     step_size: Optional[float] = None  # first signed step; None: epsilon / 2, decayed linearly to a tenth
     batch_size: int = 250  # rows perturbed together; batches are fixed by row index
+    resize: Optional[tuple[int, int]] = None  # (width, height) every image is resized to; None: native sizes
     # Objective weights (losses.py).
     lambda_gm: float = 1.0
     lambda_fd: float = 1.0
@@ -70,6 +71,10 @@ class ProtectConfig:
             raise ValueError("batch_size and gm_every must be >= 1, steps and refine_steps >= 0")
         object.__setattr__(self, "surrogates", tuple(self.surrogates))
         object.__setattr__(self, "other_seeds", tuple(self.other_seeds))
+        if self.resize is not None:
+            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+            if len(self.resize) != 2 or min(self.resize) < 1:
+                raise ValueError(f"resize must be (width, height) in pixels, got {self.resize!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ProtectConfig":

@@ -79,16 +79,16 @@ def decode_image(item: dict, row: int, image_column: str) -> PIL.Image.Image:
 
 
 def load_tensors(dataset: Dataset, image_column: str, label_column: str, channels: int, rows: Optional[Sequence[int]] = None,
-                 verbose: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 size: Optional[tuple[int, int]] = None, verbose: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``uint8`` images ``(N, C, H, W)`` and ``int64`` labels for training.
 
-    Training needs one size: images of another size than the first are resized to it
-    (bicubic). Protection itself perturbs every image at its native size.
+    Training needs one size: ``size = (width, height)``, by default the first image's; others
+    are resized to it (bicubic). Protection itself perturbs every image at its native size
+    unless ``ProtectConfig.resize`` is set.
     """
     rows = range(len(dataset)) if rows is None else rows
     images = decode_rows(dataset, image_column, rows)
-    size = images[0].size
-    pixels = np.stack([to_pixels(img if img.size == size else img.resize(size, PIL.Image.BICUBIC), channels)
-                       for img in progress_bar(images, desc="decode", verbose=verbose, leave=False)])
+    size = size or images[0].size
+    pixels = np.stack([to_pixels(img, channels, size) for img in progress_bar(images, desc="decode", verbose=verbose, leave=False)])
     labels = torch.as_tensor(label_array(dataset, label_column)[np.asarray(rows)], dtype=torch.int64)
     return torch.from_numpy(pixels), labels

@@ -31,7 +31,7 @@ from .config import ProtectConfig
 from .data import decode_image, find_columns, validate_labels
 from .fitting import atomic_write
 from .key import AuthorizedModel
-from .transform import UGETransform, encode_png, to_pixels
+from .transform import UGETransform, encode_png
 from .utils import progress_bar, sha256_file
 
 METADATA_NAME = "uge_hf.json"
@@ -96,8 +96,7 @@ def protect_shard(transform: UGETransform, dataset: Dataset, rows: range, path: 
     bar = progress_bar(total=len(rows), desc=path.name, unit="img", verbose=verbose, leave=False)
     for start in range(0, len(part), batch_size):
         batch = part[start:start + batch_size]
-        pixels = [torch.from_numpy(to_pixels(decode_image(item, rows[start + i], image_column), transform.state.in_channels))
-                  for i, item in enumerate(batch[image_column])]
+        pixels = [transform.pixels(decode_image(item, rows[start + i], image_column)) for i, item in enumerate(batch[image_column])]
         protected = transform.perturb(pixels, torch.as_tensor(batch[label_column]))
         batch[image_column] = [{"bytes": encode_png(p.numpy()), "path": None} for p in protected]
         for name in features:

@@ -168,12 +168,15 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
     return weights
 
 
-def to_pixels(image: Any, channels: int) -> np.ndarray:
+def to_pixels(image: Any, channels: int, size: Optional[tuple[int, int]] = None) -> np.ndarray:
     """A decoded ``datasets`` image (PIL, or a dict with bytes) as ``uint8`` ``(C, H, W)``
-    in the key's color mode: RGB for 3 channels (alpha dropped, palettes expanded), L for 1."""
+    in the key's color mode: RGB for 3 channels (alpha dropped, palettes expanded), L for 1;
+    resized (bicubic) to ``size = (width, height)`` if given."""
     if isinstance(image, dict):
         image = PIL.Image.open(io.BytesIO(image["bytes"]))
     image = image.convert("RGB" if channels == 3 else "L")
+    if size is not None and image.size != tuple(size):
+        image = image.resize(tuple(size), PIL.Image.BICUBIC)
     array = np.array(image, dtype=np.uint8)
     return array.reshape(*array.shape[:2], -1).transpose(2, 0, 1)
 
@@ -227,7 +230,7 @@ class UGETransform:
         image_column, label_column = find_columns(dataset, image_column, label_column)
         validate_labels(dataset, label_column, key.num_classes)
         rows = range(min(len(dataset), config.fit_sample or len(dataset)))
-        images, labels = load_tensors(dataset, image_column, label_column, key.in_channels, rows=rows, verbose=verbose)
+        images, labels = load_tensors(dataset, image_column, label_column, key.in_channels, rows=rows, size=config.resize, verbose=verbose)
         state = build_shared_state(images, labels, key, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
         return cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
 
@@ -268,6 +271,10 @@ class UGETransform:
                 f"key={self.state.architecture}:{self.state.key_fingerprint[:12]}…, fingerprint={self.fingerprint[:12]}…)")
 
     # -- applying --------------------------------------------------------------------------
+    def pixels(self, image: Any) -> torch.Tensor:
+        """One decoded image as the ``uint8`` tensor this transform perturbs (color mode, size)."""
+        return torch.from_numpy(to_pixels(image, self.state.in_channels, self.config.resize))
+
     def _bind(self, device: torch.device) -> None:
         if self._objective is None:
             self._objective = Objective(self.state, self.feature_backbone, device)
@@ -309,7 +316,7 @@ class UGETransform:
                            f"and label_column={self.label_column!r}; pass them to UGETransform.fit")
         rank = args[-1] if args and isinstance(args[-1], int) else None
         device = torch.device("cuda", rank % torch.cuda.device_count()) if rank is not None and torch.cuda.is_available() else None
-        pixels = [torch.from_numpy(to_pixels(img, self.state.in_channels)) for img in batch[self.image_column]]
+        pixels = [self.pixels(img) for img in batch[self.image_column]]
         protected = self.perturb(pixels, torch.as_tensor(batch[self.label_column]), device)
         return {**batch, self.image_column: [{"bytes": encode_png(p.numpy()), "path": None} for p in protected]}
 
