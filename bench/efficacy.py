@@ -49,6 +49,7 @@ VARIANTS = {
     "eps-16": {"epsilon": 16 / 255},
     "gm-every-step": {"gm_every": 1},
     "sur-15": {"surrogate_epochs": 15},
+    "sur-4": {"surrogate_epochs": 4},
     "gm3": {"lambda_gm": 3.0, "gm_every": 1},
     "gm3-steps20": {"lambda_gm": 3.0, "gm_every": 1, "steps": 20},
     "gm10-steps20": {"lambda_gm": 10.0, "gm_every": 1, "steps": 20},

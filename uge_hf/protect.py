@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -208,8 +209,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         record = progress_dir / f"{name}-{i:05d}.json"
         if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
             continue
+        started = time.time()
         sha = protect_shard(transform, data[name], rows, path, verbose)
-        atomic_write(record, json.dumps({"sha256": sha, "rows": [rows.start, rows.stop], "process": accelerator.process_index}).encode())
+        atomic_write(record, json.dumps({"sha256": sha, "rows": [rows.start, rows.stop], "process": accelerator.process_index,
+                                         "started": started, "finished": time.time()}).encode())
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
