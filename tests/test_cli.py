@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from datasets import load_dataset
+from huggingface_hub import DatasetCard
 
 from uge_hf import AuthorizedModel
 from uge_hf.cli import main
@@ -51,11 +52,14 @@ def test_protect_reports_bad_input_and_exits_2(key_dir, tmp_path, capsys):
 def test_evaluate_prints_a_table_and_writes_json(protected_cli, key_dir, tmp_path):
     results = tmp_path / "results.json"
     code = main(["evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--hackers", "vgg-tiny",
-                 "--epochs", "1", "--json", str(results), "--quiet"])
+                 "--epochs", "1", "--json", str(results), "--update-card", "--quiet"])
     assert code == 0
     data = json.loads(results.read_text())
     assert [r["model"] for r in data["rows"]] == ["key θ0", "key arch, seed 7", "vgg-tiny"]
     assert all(0 <= r["protected_acc"] <= 100 for r in data["rows"])
+    card = DatasetCard.load(protected_cli / "README.md")
+    assert card.data.to_dict()["uge_hf"]["efficacy"] == data["rows"]
+    assert "## Measured efficacy" in card.text and "vgg-tiny" in card.text
 
 
 def test_push_and_verify(protected_cli, key_dir, hub_token, tmp_path):

@@ -98,3 +98,18 @@ def write_card(out_dir: str | os.PathLike, metadata: dict, features: Features, *
     card = render_card(metadata, features, template=template, repo_id=repo_id)
     atomic_write(Path(out_dir) / "README.md", str(card).encode())
     return card
+
+
+def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
+    """Store a measured efficacy table (``{"rows": [...], "summary": {...}}``, as
+    ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card."""
+    import json
+
+    from .fitting import atomic_write
+    from .protect import METADATA_NAME, load_output
+
+    folder = Path(folder)
+    metadata = json.loads((folder / METADATA_NAME).read_text())
+    metadata["efficacy"] = efficacy
+    atomic_write(folder / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+    return write_card(folder, metadata, next(iter(load_output(folder).values())).features)

@@ -68,8 +68,14 @@ def _evaluate(args) -> int:
                       epochs=args.epochs, attacks=["none"] + (args.attacks.split(",") if args.attacks else []), verbose=not args.quiet)
     print(report.to_markdown())
     print(json.dumps(report.summary(), indent=2))
+    results = {"rows": report.to_dicts(), "summary": report.summary(), "epochs": args.epochs}
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": report.to_dicts(), "summary": report.summary()}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.update_card:
+        from .card import record_efficacy
+
+        record_efficacy(args.protected, results)
+        print(f"recorded the table in {Path(args.protected) / 'README.md'}")
     return 0
 
 
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--test-split", default="test")
     p.add_argument("--json", help="write rows and summary here")
+    p.add_argument("--update-card", action="store_true", help="record the table in the folder's card and uge_hf.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_evaluate)
 
