@@ -181,3 +181,31 @@ def test_refuses_unparsable_epsilon():
 
 def test_epsilon_parsing():
     assert parse_epsilon("8/255") == 8 / 255 and parse_epsilon(0.5) == 0.5
+
+
+def test_user_feature_backbone_joins_the_feature_space(tmp_path, small_train, key):
+    """Any frozen backbone (a local CLIP tower, say) can define the common feature space."""
+    import torch
+    from torch import nn
+
+    from uge_hf.models import create_model
+
+    def backbone(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(create_model("vgg-tiny").features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    config = ProtectConfig.preset("fast", batch_size=125, surrogates=())
+    out = tmp_path / "backbone"
+    protected = protect(small_train.select(range(125)), key, config, output_dir=out, feature_backbone=backbone(0), verbose=False)
+    diff = (pixels(protected["train"]) - pixels(small_train.select(range(125)))).abs()
+    assert diff.max() <= 8 and diff.float().mean() > 1.0
+    state_dir = out.with_name("backbone.uge-state") / "state"
+    with pytest.raises(ValueError, match="pass the same feature_backbone"):
+        UGETransform.from_pretrained(state_dir).perturb([], torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="weights differ"):
+        UGETransform.from_pretrained(state_dir, feature_backbone=backbone(1)).perturb([], torch.zeros(0, dtype=torch.long))
+
+
+def test_refuses_an_empty_feature_space(tmp_path, small_train, key):
+    with pytest.raises(ValueError, match="feature space is empty"):
+        protect(small_train, key, ProtectConfig.preset("fast", surrogates=()), output_dir=tmp_path / "empty", verbose=False)
