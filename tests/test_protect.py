@@ -209,3 +209,4 @@ def test_user_feature_backbone_joins_the_feature_space(tmp_path, small_train, ke
 def test_refuses_an_empty_feature_space(tmp_path, small_train, key):
     with pytest.raises(ValueError, match="feature space is empty"):
         protect(small_train, key, ProtectConfig.preset("fast", surrogates=()), output_dir=tmp_path / "empty", verbose=False)
+    assert not (tmp_path / "empty").exists()

@@ -203,6 +203,12 @@ def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels
     return weights
 
 
+def check_feature_space(config: ProtectConfig, feature_backbone: Optional[nn.Module]) -> None:
+    if config.lambda_fd and not config.surrogates and feature_backbone is None:
+        raise ValueError("the common feature space is empty, so nothing would be protected: name surrogates in ProtectConfig "
+                         "or pass feature_backbone=")
+
+
 def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: AuthorizedModel, config: ProtectConfig, *,
                        feature_backbone: Optional[nn.Module] = None, cache_dir: Optional[str | os.PathLike] = None,
                        verbose: bool = True) -> SharedState:
@@ -212,9 +218,7 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     ``config.other_seeds``; with a ``feature_backbone``, computes its class centroids; in
     generator mode, fits the generator. ``cache_dir`` makes the build resumable.
     """
-    if config.lambda_fd and not config.surrogates and feature_backbone is None:
-        raise ValueError("the common feature space is empty, so nothing would be protected: name surrogates in ProtectConfig "
-                         "or pass feature_backbone=")
+    check_feature_space(config, feature_backbone)
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 from . import __version__
 from .config import ProtectConfig
 from .data import decode_image, find_columns, validate_labels
-from .fitting import atomic_write
+from .fitting import atomic_write, check_feature_space
 from .key import AuthorizedModel
 from .transform import UGETransform, encode_png
 from .utils import progress_bar, sha256_file
@@ -153,6 +153,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
     from .card import write_card
 
     config = config or ProtectConfig()
+    check_feature_space(config, feature_backbone)
     if output_format not in ("parquet", "arrow"):
         raise ValueError(f"output_format must be 'parquet' or 'arrow', not {output_format!r}")
     if other_splits not in ("copy", "drop"):
