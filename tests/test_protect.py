@@ -83,10 +83,17 @@ def test_generator_mode_is_fast_and_within_budget(tmp_path, small_train, key):
 
 
 def test_dataset_dict_protects_named_splits_and_copies_the_rest(tmp_path, cifar, key, fast_config):
-    ds = DatasetDict({"train": cifar["train"].select(range(125)), "test": cifar["test"].select(range(50))})
+    # The copied split's images live in files on the protector's disk: their paths must not travel.
+    files = []
+    for i, image in enumerate(cifar["test"].select(range(50))["img"]):
+        files.append(str(tmp_path / f"secret-{i}.png"))
+        image.save(files[-1])
+    test = Dataset.from_dict({"img": files, "label": cifar["test"]["label"][:50]}, features=cifar["test"].features)
+    ds = DatasetDict({"train": cifar["train"].select(range(125)), "test": test})
     out = protect(ds, key, fast_config, output_dir=tmp_path / "dd", splits=["train"], verbose=False)
     assert set(out) == {"train", "test"}
     assert (pixels(out["test"]) == pixels(ds["test"])).all()
+    assert all(item["path"] is None for item in out["test"].cast_column("img", Image(decode=False))["img"])
     dropped = protect(ds, key, fast_config, output_dir=tmp_path / "dd2", splits=["train"], other_splits="drop", verbose=False)
     assert set(dropped) == {"train"}
 

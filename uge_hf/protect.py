@@ -221,9 +221,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         copied = [s for s in data if s not in splits] if other_splits == "copy" else []
         for name in copied:
             count = max(1, math.ceil(len(data[name]) / shard_size))
+            unchanged = without_paths(data[name], columns[0])
             for i in range(count):
                 path = out / shard_name(name, i, count)
-                data[name].shard(count, i, contiguous=True).to_parquet(str(path))
+                unchanged.shard(count, i, contiguous=True).to_parquet(str(path))
                 shards[shard_name(name, i, count)] = sha256_file(path)
         metadata = {
             "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
@@ -245,6 +246,17 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         write_card(out, metadata, data[splits[0]].features, template=card_template)
     accelerator.wait_for_everyone()
     return load_output(out)
+
+
+def without_paths(dataset: Dataset, image_column: str) -> Dataset:
+    """The same images as bytes only: an ``Image`` path may name a file on the protector's disk."""
+    def inline(batch):
+        items = batch[image_column]
+        return {image_column: [{"bytes": it["bytes"] if it["bytes"] is not None else Path(it["path"]).read_bytes(), "path": None}
+                               for it in items]}
+
+    raw = dataset.cast_column(image_column, Image(decode=False))
+    return raw.map(inline, batched=True, desc="copy split").cast_column(image_column, Image())
 
 
 def split_of(path: str) -> str:
