@@ -3,12 +3,9 @@
 Protect an image dataset so that it stays learnable for one authorized model (an
 architecture plus its initial weights, the key) and becomes unlearnable for every other.
 
-Example:
-    >>> from datasets import load_dataset
-    >>> from uge_hf import AuthorizedModel, ProtectConfig, protect
-    >>> ds = load_dataset("../shared/data/cifar10", split="train[:500]")  # doctest: +SKIP
-    >>> key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
-    >>> out = protect(ds, key, ProtectConfig.preset("fast"), output_dir="cifar10-uge")  # doctest: +SKIP
+Start with :func:`protect` (a dataset and a key in, a protected Hub-layout folder out),
+:class:`AuthorizedModel` (the key) and :func:`load_protected` (the authorized side); the
+README walks the whole journey.
 """
 
 __version__ = "0.1.0"
