@@ -87,7 +87,8 @@ def test_streamed_input_gives_the_same_images(tmp_path, cifar, key, fast_config)
     stream = load_dataset(str(CIFAR10), split="test", streaming=True).take(125)
     out = protect(stream, key, fast_config, output_dir=tmp_path / "stream", verbose=False)
     materialized = protect(cifar["test"].select(range(125)), key, fast_config, output_dir=tmp_path / "direct", verbose=False)
-    (streamed,) = out.values()
+    assert list(out) == ["test"], "a stream keeps its split's name"
+    streamed = out["test"]
     assert all(a.tobytes() == b.tobytes() for a, b in zip(streamed["img"], materialized["test"]["img"]))
 
 

@@ -53,9 +53,9 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
         if isinstance(split, IterableDataset):
             # Stream the encoded bytes: decoding and re-encoding would recompress JPEGs.
             raw = split
-            for name, feature in split.features.items():
+            for column, feature in split.features.items():
                 if isinstance(feature, Image):
-                    raw = raw.cast_column(name, Image(decode=False))
+                    raw = raw.cast_column(column, Image(decode=False))
             split = Dataset.from_generator(lambda s=raw: (yield from s), features=split.features)
         out[name] = split
     return out
