@@ -105,11 +105,10 @@ def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card."""
     import json
 
-    from .fitting import atomic_write
-    from .protect import METADATA_NAME, load_output
+    from .protect import METADATA_NAME, folder_features, write_metadata
 
     folder = Path(folder)
     metadata = json.loads((folder / METADATA_NAME).read_text())
     metadata["efficacy"] = efficacy
-    atomic_write(folder / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
-    return write_card(folder, metadata, next(iter(load_output(folder).values())).features)
+    write_metadata(folder, metadata)
+    return write_card(folder, metadata, folder_features(folder))

@@ -22,7 +22,6 @@ def _keygen(args) -> int:
 
 
 def _protect(args) -> int:
-
     from .config import ProtectConfig, parse_epsilon
     from .key import AuthorizedModel
     from .protect import protect

@@ -20,7 +20,7 @@ from datasets import DatasetDict
 from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, snapshot_download
 
 from .key import AuthorizedModel
-from .protect import METADATA_NAME, load_output
+from .protect import METADATA_NAME, folder_features, load_output
 from .utils import sha256_file
 
 
@@ -56,7 +56,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True
         raise FileNotFoundError(f"{folder} has no {METADATA_NAME}: not a folder written by uge_hf.protect")
     metadata = json.loads((folder / METADATA_NAME).read_text())
     check_shards(folder, metadata)
-    card = render_card(metadata, next(iter(load_output(folder).values())).features, repo_id=repo_id)
+    card = render_card(metadata, folder_features(folder), repo_id=repo_id)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     if revision is not None:

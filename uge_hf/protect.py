@@ -242,7 +242,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
             shutil.rmtree(out / "data")
             metadata["shards"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
         metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
-        atomic_write(out / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+        write_metadata(out, metadata)
         write_card(out, metadata, data[splits[0]].features, template=card_template)
     accelerator.wait_for_everyone()
     return load_output(out)
@@ -257,6 +257,16 @@ def without_paths(dataset: Dataset, image_column: str) -> Dataset:
 
     raw = dataset.cast_column(image_column, Image(decode=False))
     return raw.map(inline, batched=True, desc="copy split").cast_column(image_column, Image())
+
+
+def write_metadata(out: Path, metadata: dict) -> None:
+    """Write ``uge_hf.json`` (atomically, keys sorted, so equal runs give equal bytes)."""
+    atomic_write(out / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+
+
+def folder_features(out: Path):
+    """The ``datasets`` features of a protected folder's splits."""
+    return next(iter(load_output(out).values())).features
 
 
 def split_of(path: str) -> str:
