@@ -81,7 +81,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, cle
         start = time.perf_counter()
         out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
         protect_s = time.perf_counter() - start
-        timings = json.loads((Path(tmp) / "out.uge-state" / "timings.json").read_text())
+        timings = json.loads((Path(tmp) / "out.uge-state" / "build.json").read_text())["phases_s"]
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     timings["perturb_and_write"] = protect_s - sum(timings.values())
     assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"

@@ -41,19 +41,30 @@ def key_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(key_dir):
-    """An uninterrupted single-process run."""
-    out = key_dir.parent / "reference"
-    subprocess.run([sys.executable, "-m", "uge_hf", *PROTECT, "--key", str(key_dir), "--out", str(out)], env=run_env(), check=True)
-    return folder_digest(out)
+    """Uninterrupted single-process runs, one per mode, made on first use."""
+    digests = {}
+
+    def run(mode: str) -> dict:
+        if mode not in digests:
+            out = key_dir.parent / f"reference-{mode}"
+            subprocess.run([sys.executable, "-m", "uge_hf", *PROTECT, "--mode", mode, "--key", str(key_dir), "--out", str(out)],
+                           env=run_env(), check=True)
+            digests[mode] = folder_digest(out)
+        return digests[mode]
+
+    return run
 
 
-def test_two_accelerate_processes_give_the_same_bytes_as_one(key_dir, reference):
-    out = key_dir.parent / "two-processes"
+@pytest.mark.parametrize("mode", ["per-sample", "generator"])
+def test_two_accelerate_processes_give_the_same_bytes_as_one(key_dir, reference, mode):
+    out = key_dir.parent / f"two-processes-{mode}"
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uge_hf", *PROTECT, "--key", str(key_dir),
-                    "--out", str(out)], env=run_env(), check=True)
-    assert folder_digest(out) == reference
-    records = [json.loads(p.read_text()) for p in (key_dir.parent / "two-processes.uge-state" / "progress").iterdir()]
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uge_hf", *PROTECT, "--mode", mode,
+                    "--key", str(key_dir), "--out", str(out)], env=run_env(), check=True)
+    assert folder_digest(out) == reference(mode)
+    state = out.with_name(out.name + ".uge-state")
+    assert json.loads((state / "build.json").read_text())["processes"] == 2, "both processes must have built the shared state"
+    records = [json.loads(p.read_text()) for p in (state / "progress").iterdir()]
     assert {r["process"] for r in records} == {0, 1}, "both processes must have protected shards"
 
 
@@ -67,20 +78,22 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     proc.wait()
 
 
-@pytest.mark.parametrize("phase", ["shared-state", "shards"])
+@pytest.mark.parametrize("phase", ["trajectory", "generator", "shards"])
 def test_killed_run_resumes_to_identical_bytes(key_dir, reference, phase):
+    mode = "generator" if phase == "generator" else "per-sample"
     out = key_dir.parent / f"killed-{phase}"
     state = out.with_name(out.name + ".uge-state")
-    args = [sys.executable, "-m", "uge_hf", *PROTECT, "--key", str(key_dir), "--out", str(out)]
+    args = [sys.executable, "-m", "uge_hf", *PROTECT, "--mode", mode, "--key", str(key_dir), "--out", str(out)]
     proc = subprocess.Popen(args, env=run_env())
-    if phase == "shared-state":  # after the trajectory's first epoch checkpoint, before the state is complete
-        kill_when(proc, lambda: (state / "cache" / "trajectory.resume.pt").exists() or (state / "cache" / "trajectory.safetensors").exists())
-        assert not (state / "state" / "state.json").exists()
-    else:  # after the first shard, before the last
+    if phase == "shards":  # after the first shard, before the last
         kill_when(proc, lambda: (state / "progress").exists() and len(list((state / "progress").iterdir())) >= 1)
         assert len(list((state / "progress").iterdir())) < 4
+    else:  # after the phase's first epoch checkpoint, before the state is complete
+        cache = state / "cache"
+        kill_when(proc, lambda: (cache / f"{phase}.resume.pt").exists() or (cache / f"{phase}.safetensors").exists())
+        assert not (state / "state" / "state.json").exists()
     subprocess.run(args, env=run_env(), check=True)
-    assert folder_digest(out) == reference
+    assert folder_digest(out) == reference(mode)
 
 
 def test_streamed_input_gives_the_same_images(tmp_path, cifar, key, fast_config):

@@ -27,7 +27,7 @@ def _protect(args) -> int:
     from .protect import protect
 
     overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon else {}
-    for name in ("mode", "steps", "seed", "batch_size"):
+    for name in ("mode", "steps", "seed", "batch_size", "micro_batches"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.resize:
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "
+                   "that give the same bytes; raise it to launch more")
     p.add_argument("--resize", help="resize every image to WxH before protecting (default: keep native sizes)")
     p.add_argument("--shard-size", type=int, default=5000)
     p.add_argument("--format", default="parquet", choices=["parquet", "arrow"])

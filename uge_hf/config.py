@@ -55,6 +55,9 @@ class ProtectConfig:
     surrogate_epochs: int = 8
     other_seeds: tuple[int, ...] = ()  # trajectories of the key's architecture used by L_bind
     fit_sample: Optional[int] = None  # rows used to build the shared state; None: all
+    # Each optimization step of the build sums this many micro-batches' gradients in a fixed
+    # order, so the state is the same bytes on any number of processes up to this (parallel.py).
+    micro_batches: int = 4
     # Generator mode.
     generator_sample: int = 1000
     generator_epochs: int = 30
@@ -67,8 +70,8 @@ class ProtectConfig:
         unknown = [s for s in self.surrogates if s not in list_models()]
         if unknown:
             raise ValueError(f"unknown surrogate architecture(s) {unknown}; available: {', '.join(list_models())}")
-        if self.batch_size < 1 or self.steps < 0 or self.refine_steps < 0 or self.gm_every < 1:
-            raise ValueError("batch_size and gm_every must be >= 1, steps and refine_steps >= 0")
+        if min(self.batch_size, self.gm_every, self.micro_batches) < 1 or min(self.steps, self.refine_steps) < 0:
+            raise ValueError("batch_size, gm_every and micro_batches must be >= 1, steps and refine_steps >= 0")
         object.__setattr__(self, "surrogates", tuple(self.surrogates))
         object.__setattr__(self, "other_seeds", tuple(self.other_seeds))
         if self.resize is not None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +25,7 @@ from . import __version__
 from .config import ProtectConfig
 from .key import AuthorizedModel
 from .models import create_model
+from .parallel import Ranks
 from .training import TrainConfig, to_float, train_model
 from .utils import default_device, tensors_fingerprint
 
@@ -167,39 +168,60 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class Checkpoints:
+    """Where one optimization of the build keeps its progress in ``cache_dir``:
+    ``{name}.resume.pt`` after every epoch, ``{name}.safetensors`` once finished. Every
+    process reads them; only the main process writes (all hold the same weights)."""
+
+    def __init__(self, cache_dir: Optional[Path], name: str, ranks: Ranks):
+        self.done = cache_dir / f"{name}.safetensors" if cache_dir is not None else None
+        self.resume = cache_dir / f"{name}.resume.pt" if cache_dir is not None else None
+        self.writer = ranks.is_main
+
+    def finished(self) -> Optional[dict[str, torch.Tensor]]:
+        return load_safetensors_bytes(self.done.read_bytes()) if self.done is not None and self.done.exists() else None
+
+    def last_epoch(self) -> Optional[dict]:
+        return torch.load(self.resume, weights_only=True) if self.resume is not None and self.resume.exists() else None
+
+    def save_epoch(self, payload: dict) -> None:
+        if self.resume is not None and self.writer:
+            tmp = self.resume.with_name(self.resume.name + ".tmp")
+            torch.save(payload, tmp)
+            os.replace(tmp, self.resume)
+
+    def finish(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.done is not None and self.writer:
+            atomic_write(self.done, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+            self.resume.unlink(missing_ok=True)
+
+
 def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-                       seed: int, cache_dir: Optional[Path], keep_trajectory: bool, verbose: bool) -> list[dict[str, torch.Tensor]]:
+                       seed: int, cache_dir: Optional[Path], keep_trajectory: bool, verbose: bool,
+                       ranks: Ranks = Ranks()) -> list[dict[str, torch.Tensor]]:
     """Train ``model`` and return its weights after every epoch (or only the last),
     θ0 first when ``keep_trajectory``. With ``cache_dir`` the job saves a checkpoint after each
     epoch and a rerun resumes from the last one."""
     snapshot = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-    done = cache_dir / f"{name}.safetensors" if cache_dir else None
-    if done is not None and done.exists():
-        tensors = load_safetensors_bytes(done.read_bytes())
+    checkpoints = Checkpoints(cache_dir, name, ranks)
+    if (tensors := checkpoints.finished()) is not None:
         count = len({k.split(".", 1)[0] for k in tensors})
         return [{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{t}.")} for t in range(count)]
     weights = [snapshot(model)] if keep_trajectory else []
     start, opt_state = 0, None
-    resume = cache_dir / f"{name}.resume.pt" if cache_dir else None
-    if resume is not None and resume.exists():
-        ckpt = torch.load(resume, weights_only=True)
+    if (ckpt := checkpoints.last_epoch()) is not None:
         start, opt_state, weights = ckpt["epoch"] + 1, ckpt["optimizer"], ckpt["weights"]
         model.load_state_dict(ckpt["model"])
 
     def on_epoch_end(epoch, m, optimizer):
         if keep_trajectory:
             weights.append(snapshot(m))
-        if resume is not None:
-            tmp = resume.with_name(resume.name + ".tmp")
-            torch.save({"epoch": epoch, "model": m.state_dict(), "optimizer": optimizer.state_dict(), "weights": weights}, tmp)
-            os.replace(tmp, resume)
+        checkpoints.save_epoch({"epoch": epoch, "model": m.state_dict(), "optimizer": optimizer.state_dict(), "weights": weights})
 
     train_model(model, images, labels, config, seed, start_epoch=start, optimizer_state=opt_state,
-                on_epoch_end=on_epoch_end, desc=name, verbose=verbose)
+                on_epoch_end=on_epoch_end, ranks=ranks, desc=name, verbose=verbose)
     weights = weights if keep_trajectory else [snapshot(model)]
-    if done is not None:
-        atomic_write(done, save_safetensors_bytes({f"{t}.{k}": v.contiguous() for t, w in enumerate(weights) for k, v in w.items()}))
-        resume.unlink(missing_ok=True)
+    checkpoints.finish({f"{t}.{k}": v for t, w in enumerate(weights) for k, v in w.items()})
     return weights
 
 
@@ -217,13 +239,19 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     Trains the key from θ0 (its trajectory), each surrogate, and each of
     ``config.other_seeds``; with a ``feature_backbone``, computes its class centroids; in
     generator mode, fits the generator. ``cache_dir`` makes the build resumable.
+
+    Under a ``torch.distributed`` group (``accelerate launch``) every process must call this
+    with the same arguments: each optimization step is shared among them
+    (:mod:`uge_hf.parallel`), and the state is the same bytes as on one process.
     """
     check_feature_space(config, feature_backbone)
+    ranks = Ranks.current()
+    verbose = verbose and ranks.is_main
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     device = default_device()
-    recipe = TrainConfig(epochs=config.trajectory_epochs)
+    recipe = TrainConfig(epochs=config.trajectory_epochs, micro_batches=config.micro_batches)
     timings, clock = {}, time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -232,22 +260,22 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
         timings[phase] = timings.get(phase, 0.0) + now - clock
         clock = now
 
-    trajectory = resumable_training("trajectory", key.build(), images, labels, recipe, config.seed, cache, True, verbose)
+    trajectory = resumable_training("trajectory", key.build(), images, labels, recipe, config.seed, cache, True, verbose, ranks)
     lap("trajectory")
     surrogates = []
     for i, arch in enumerate(config.surrogates):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed * 1000 + 101 + i)
             model = create_model(arch, key.num_classes, key.in_channels)
-        weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, TrainConfig(epochs=config.surrogate_epochs),
-                                     config.seed + 1 + i, cache, False, verbose)
+        weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, replace(recipe, epochs=config.surrogate_epochs),
+                                     config.seed + 1 + i, cache, False, verbose, ranks)
         surrogates.append((arch, weights[-1]))
     centroids = backbone_fp = None
     if feature_backbone is not None:
         centroids = class_centroids(feature_backbone, images, labels, key.num_classes, device)
         backbone_fp = tensors_fingerprint(feature_backbone.state_dict())
     lap("feature_space")
-    others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose)
+    others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose, ranks)
               for s in config.other_seeds]
     lap("other_seeds")
     state = SharedState(key.architecture, key.num_classes, key.in_channels, key.fingerprint, config, trajectory, surrogates,
@@ -255,7 +283,8 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     if config.mode == "generator":
         from .transform import fit_generator  # the generator is fitted with the transform's own objective
 
-        state.generator = fit_generator(state, images, labels, feature_backbone=feature_backbone, cache_dir=cache, verbose=verbose)
+        state.generator = fit_generator(state, images, labels, feature_backbone=feature_backbone, cache_dir=cache, verbose=verbose,
+                                        ranks=ranks)
         lap("generator")
     return state
 

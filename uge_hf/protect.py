@@ -187,13 +187,16 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         claim_output(out, state_path, rid, overwrite)
     accelerator.wait_for_everyone()
 
-    # Shared state: built once by the main process (resumable), loaded by the others.
+    # Shared state: built once, by every process together (each optimization step is shared
+    # out, parallel.py), resumable; the main process saves it and the others load that copy.
     final_state = state_path / "state"
-    if accelerator.is_main_process and not (final_state / "state.json").exists():
+    if not (final_state / "state.json").exists():
         transform = UGETransform.fit(data[fit_split], key, config, image_column=columns[0], label_column=columns[1],
                                      feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
-        transform.save_pretrained(final_state)
-        atomic_write(state_path / "timings.json", json.dumps(transform.state.timings).encode())
+        if accelerator.is_main_process:
+            transform.save_pretrained(final_state)
+            atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,
+                                                                "phases_s": transform.state.timings}).encode())
     accelerator.wait_for_everyone()
     transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
 

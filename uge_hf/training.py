@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .parallel import Ranks, data_parallel_gradients
 from .utils import default_device, progress_bar, seeded_generator
 
 
@@ -30,6 +31,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: bool = True
+    micro_batches: int = 1  # a step sums this many micro-batches' gradients (uge_hf.parallel)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +74,7 @@ def train_model(
     on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
     soft_targets: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     input_transform: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+    ranks: Ranks = Ranks(),
     desc: str = "train",
     verbose: bool = True,
 ) -> nn.Module:
@@ -84,7 +87,8 @@ def train_model(
 
     ``soft_targets(x)`` switches the loss to distillation (KL to those probabilities);
     ``input_transform(x, generator)`` perturbs each batch after augmentation (adversarial
-    training).
+    training). Each step is split into ``config.micro_batches`` shared among ``ranks``
+    (:mod:`uge_hf.parallel`): the trained weights are the same bytes on any number of processes.
 
     Example:
         >>> import torch
@@ -118,23 +122,29 @@ def train_model(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-            x = to_float(images[idx], device)
+            x, y = to_float(images[idx], device), labels[idx.to(device)]
             if config.augment:
                 x = random_crop_flip(x, gen)
             if input_transform is not None:
                 x = input_transform(x, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x).float()
-            if soft_targets is None:
-                loss = F.cross_entropy(logits, labels[idx.to(device)])
-            else:
-                loss = F.kl_div(F.log_softmax(logits, 1), soft_targets(x), reduction="batchmean")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            xs, ys = x.tensor_split(config.micro_batches), y.tensor_split(config.micro_batches)
+
+            def micro_loss(k: int) -> Optional[torch.Tensor]:
+                if len(ys[k]) == 0:
+                    return None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(xs[k]).float()
+                if soft_targets is None:
+                    loss = F.cross_entropy(logits, ys[k], reduction="sum")
+                else:
+                    loss = F.kl_div(F.log_softmax(logits, 1), soft_targets(xs[k]), reduction="sum")
+                return loss / len(idx)  # summed over micro-batches: the batch mean
+
+            loss = data_parallel_gradients(model, micro_loss, config.micro_batches, ranks)
             optimizer.step()
             bar.update(1)
             if i % 10 == 0:
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, optimizer)
     bar.close()

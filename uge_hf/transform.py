@@ -25,10 +25,11 @@ import torch.nn as nn
 
 from . import __version__
 from .config import ProtectConfig
-from .fitting import CentroidHead, Generator, SharedState, atomic_write
+from .fitting import CentroidHead, Checkpoints, Generator, SharedState, atomic_write
 from .key import AuthorizedModel
 from .losses import gradient_matching_loss, matched_parameters, misalignment_loss, undistillation_loss
 from .models import create_model
+from .parallel import Ranks, data_parallel_gradients
 from .training import random_crop_flip, to_float
 from .utils import default_device, progress_bar, seeded_generator, tensors_fingerprint
 
@@ -130,14 +131,15 @@ def quantize(x_u: torch.Tensor, clean: torch.Tensor, epsilon: float) -> torch.Te
 
 
 def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor, *, feature_backbone: Optional[nn.Module] = None,
-                  cache_dir: Optional[Path] = None, verbose: bool = True) -> dict[str, torch.Tensor]:
+                  cache_dir: Optional[Path] = None, verbose: bool = True, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
     """Fit the generator on a seeded sample of ``config.generator_sample`` images with the
-    same objective the per-sample search minimizes; returns its weights."""
-    from safetensors.torch import load as load_bytes, save as save_bytes
+    same objective the per-sample search minimizes; returns its weights.
 
-    done = cache_dir / "generator.safetensors" if cache_dir is not None else None
-    if done is not None and done.exists():
-        return load_bytes(done.read_bytes())
+    Data-parallel over ``ranks`` like the rest of the build, checkpointed after every epoch
+    into ``cache_dir`` and resumed from there."""
+    checkpoints = Checkpoints(cache_dir, "generator", ranks)
+    if (weights := checkpoints.finished()) is not None:
+        return weights
     cfg, device = state.config, default_device()
     sample = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator-sample"))[:cfg.generator_sample]
     images, labels = images[sample], labels[sample]
@@ -146,25 +148,35 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
         generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:])).to(device)
     objective = Objective(state, feature_backbone, device)
     optimizer = torch.optim.Adam([{"params": generator.net.parameters(), "lr": 1e-3}, {"params": [generator.codes], "lr": 2e-2}])
+    start = 0
+    if (ckpt := checkpoints.last_epoch()) is not None:
+        start = ckpt["epoch"] + 1
+        generator.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
     batch = min(cfg.batch_size, len(labels))
     steps_per_epoch = math.ceil(len(labels) / batch)
-    bar = progress_bar(total=cfg.generator_epochs * steps_per_epoch, desc="generator", verbose=verbose)
-    for epoch in range(cfg.generator_epochs):
-        gen = seeded_generator(cfg.seed, "generator", epoch)
-        order = torch.randperm(len(labels), generator=gen)
+    bar = progress_bar(total=cfg.generator_epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="generator", verbose=verbose)
+    for epoch in range(start, cfg.generator_epochs):
+        order = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator", epoch))
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            x, y = to_float(images[idx], device), labels[idx].to(device)
-            loss = objective(x, generator(x, y, cfg.epsilon), y, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            pieces = idx.tensor_split(cfg.micro_batches)
+
+            def micro_loss(k: int) -> Optional[torch.Tensor]:
+                if len(pieces[k]) == 0:
+                    return None
+                x, y = to_float(images[pieces[k]], device), labels[pieces[k]].to(device)
+                gen = seeded_generator(cfg.seed, "generator", epoch, i, k)
+                return objective(x, generator(x, y, cfg.epsilon), y, gen) * (len(pieces[k]) / len(idx))
+
+            loss = data_parallel_gradients(generator, micro_loss, cfg.micro_batches, ranks)
             optimizer.step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
+        checkpoints.save_epoch({"epoch": epoch, "model": generator.state_dict(), "optimizer": optimizer.state_dict()})
     bar.close()
     weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    if done is not None:
-        atomic_write(done, save_bytes(weights))
+    checkpoints.finish(weights)
     return weights
 
 

@@ -1,0 +1,99 @@
+"""Deterministic data parallelism for the optimizations that build the shared state.
+
+Every step's batch is cut into a fixed number of micro-batches, whatever the number of
+processes. Each process computes the gradients of the micro-batches it owns (``k % count ==
+index``) from the same weights; every micro-batch's gradient is gathered to every process
+and summed there *in micro-batch order*. Floating-point sums depend on their order, so this
+is what makes a state built on 1, 2 or N processes the same bytes. Batch-norm running
+statistics follow the same rule: each micro-batch starts from the step's statistics and the
+step keeps their mean over micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes sharing the work."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        """The ``torch.distributed`` group if one is running (Accelerate starts one), else a
+        single process."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+
+def data_parallel_gradients(module: nn.Module, micro_loss: Callable[[int], Optional[torch.Tensor]], micro_batches: int,
+                            ranks: Ranks = Ranks()) -> float:
+    """Set ``.grad`` of ``module``'s trainable parameters to the gradient of
+    ``sum(micro_loss(k) for k in range(micro_batches))``, computed data-parallel; returns that
+    sum. ``micro_loss(k)`` returns ``None`` for an empty micro-batch.
+
+    Same result bytes on any number of processes up to ``micro_batches``.
+    """
+    if ranks.count > micro_batches:
+        raise ValueError(f"{ranks.count} processes share micro_batches={micro_batches}: every process needs at least one; "
+                         f"set ProtectConfig(micro_batches={ranks.count}) or more (this changes the state's bytes)")
+    params = [p for p in module.parameters() if p.requires_grad]
+    floats = [b for b in module.buffers() if b.is_floating_point()]
+    counters = [b for b in module.buffers() if not b.is_floating_point()]
+    start = [b.detach().clone() for b in floats + counters]
+    device = params[0].device
+    width = sum(p.numel() for p in params) + sum(b.numel() for b in floats) + 2  # gradients, statistics, loss, non-empty
+    rows = []
+    for k in range(ranks.index, micro_batches, ranks.count):
+        with torch.no_grad():
+            for b, s in zip(floats + counters, start):
+                b.copy_(s)
+        loss = micro_loss(k)
+        if loss is None:
+            rows.append(torch.zeros(width, device=device))
+            continue
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().float().flatten() for g, p in zip(grads, params)]
+                              + [b.detach().float().flatten() for b in floats] + [loss.detach().float().view(1), torch.ones(1, device=device)]))
+    table = gather_rows(torch.stack(rows), micro_batches, ranks)
+    total = table[0].clone()
+    for row in table[1:]:  # the fixed order
+        total += row
+    filled = int(total[-1].item())
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.grad = total[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
+        for b, s in zip(floats, start):
+            b.copy_((total[offset:offset + b.numel()] / filled).view_as(b) if filled else s)
+            offset += b.numel()
+        for b, s in zip(counters, start[len(floats):]):
+            b.copy_(s + (1 if filled and module.training else 0))  # batch-norm's step counter advances once a step
+    return total[-2].item()
+
+
+def gather_rows(local: torch.Tensor, micro_batches: int, ranks: Ranks) -> torch.Tensor:
+    """Every micro-batch's row, in micro-batch order, on every process."""
+    if ranks.count == 1:
+        return local
+    per_rank = math.ceil(micro_batches / ranks.count)
+    padded = torch.zeros(per_rank, local.shape[1], device=local.device, dtype=local.dtype)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(ranks.count)]
+    dist.all_gather(parts, padded)
+    return torch.stack([parts[k % ranks.count][k // ranks.count] for k in range(micro_batches)])
