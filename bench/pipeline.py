@@ -5,7 +5,8 @@
    parquet plus (b) the perturbation alone on the same images as ready tensors.
 2. Memory: peak RSS of ``protect`` on all 50,000 training images vs on 5,000 (generator
    mode, same fit sample), each in a fresh process.
-3. Scaling: applying with 2 processes of 1 thread vs 1 process of 2 threads.
+3. Scaling: 2 processes of 1 thread vs 1 process of 2 threads, for building the shared
+   state (data-parallel) and for applying (shards dealt to processes), in both modes.
 
     python bench/pipeline.py            # prints a table, writes bench/results/pipeline.json
 """
@@ -22,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -81,42 +83,70 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_count
     return {"rows": rows, "peak_rss_mb": float(out[-2]), "seconds": float(out[-1])}
 
 
-def scaling(args, work: Path) -> dict:
-    """Wall time of the shard phase (first shard started to last shard finished, from the
-    progress records) with 1 process x 2 threads and with 2 processes x 1 thread."""
+LAUNCHES = {  # name: (launcher, OMP threads per process)
+    "1 process x 2 threads": ([sys.executable], "2"),
+    "2 processes x 1 thread": ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], "1"),
+    "1 process x 1 thread": ([sys.executable], "1"),  # the reference for how well processes scale
+}
+
+
+def timed_protect(launch: str, cli: list[str], out: Path) -> dict:
+    """Run ``uge-hf protect`` under ``launch``; the shared-state build's seconds (if this run
+    built it) and the shard phase's wall time (first shard started to last finished)."""
+    launcher, threads = LAUNCHES[launch]
+    subprocess.run([*launcher, "-m", "uge_hf", *cli, "--out", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": threads})
+    state = out.with_name(out.name + ".uge-state")
+    records = [json.loads(p.read_text()) for p in (state / "progress").iterdir()]
+    build = json.loads((state / "build.json").read_text())
+    return {"build_s": sum(build["phases_s"].values()), "build_processes": build["processes"],
+            "shards_s": max(r["finished"] for r in records) - min(r["started"] for r in records)}
+
+
+def scaling(args, work: Path) -> list[dict]:
+    """Both ways to use the 2 cores (and one core, for reference), per phase: the shared-state
+    build and the generator's apply from fresh runs (default preset), the per-sample apply
+    from a shared copy of one state (so only its shards are timed)."""
     from uge_hf import AuthorizedModel
 
     key_dir = work / "key"
     AuthorizedModel.create("convnet", 10, seed=0).save_pretrained(key_dir)
-    base = ["-m", "uge_hf", "protect", str(args.data), "--split", "train", "--limit", str(args.scaling_n), "--key", str(key_dir),
-            "--preset", "fast", "--steps", "10", "--shard-size", "250", "--quiet"]
-    # Build the shared state once; each timed run starts from a copy of it, so only shards are timed.
-    subprocess.run([sys.executable, *base, "--out", str(work / "scale-base")], check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    timings = {}
-    for name, launcher, threads in (("1 process x 2 threads", [sys.executable], "2"),
-                                    ("2 processes x 1 thread", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                                                "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                                                                "no", "--dynamo_backend", "no"], "1")):
-        out = work / f"scale-{threads}"
+    common = ["protect", str(args.data), "--split", "train", "--key", str(key_dir), "--quiet"]
+    generator = [*common, "--mode", "generator", "--limit", str(args.generator_n), "--fit-sample", str(args.fit_n), "--shard-size", "1000"]
+    per_sample = [*common, "--limit", str(args.scaling_n), "--preset", "fast", "--steps", "10", "--shard-size", "250"]
+    subprocess.run([sys.executable, "-m", "uge_hf", *per_sample, "--out", str(work / "scale-base")], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+    runs = {}
+    for launch in LAUNCHES:
+        tag = launch.replace(" ", "")
+        runs[launch, "generator"] = timed_protect(launch, generator, work / f"scale-gen-{tag}")
+        out = work / f"scale-ps-{tag}"
         shutil.copytree(work / "scale-base.uge-state", out.with_name(out.name + ".uge-state"))
         shutil.rmtree(out.with_name(out.name + ".uge-state") / "progress")
-        subprocess.run([*launcher, *base, "--out", str(out)], check=True, env={**os.environ, "OMP_NUM_THREADS": threads},
-                       capture_output=True)
-        records = [json.loads(p.read_text()) for p in (out.with_name(out.name + ".uge-state") / "progress").iterdir()]
-        timings[name] = max(r["finished"] for r in records) - min(r["started"] for r in records)
-    return {"images": args.scaling_n, **timings, "speedup": timings["1 process x 2 threads"] / timings["2 processes x 1 thread"]}
+        runs[launch, "per-sample"] = timed_protect(launch, per_sample, out)
+    threads, processes, single = LAUNCHES
+    rows = [(f"build the shared state ({args.fit_n} rows, generator mode, default preset)", "generator", "build_s"),
+            (f"apply, generator ({args.generator_n} images)", "generator", "shards_s"),
+            (f"apply, per-sample, 10 steps ({args.scaling_n} images)", "per-sample", "shards_s")]
+    return [{"phase": phase, **{launch: runs[launch, mode][field] for launch in LAUNCHES},
+             "speedup": runs[threads, mode][field] / runs[processes, mode][field],
+             "process_scaling": runs[single, mode][field] / runs[processes, mode][field]} for phase, mode, field in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--n", type=int, default=1000, help="images for the throughput figures")
-    parser.add_argument("--scaling-n", type=int, default=2000)
+    parser.add_argument("--scaling-n", type=int, default=2000, help="images for the per-sample scaling figure")
+    parser.add_argument("--generator-n", type=int, default=50000, help="images for the generator scaling figure")
+    parser.add_argument("--fit-n", type=int, default=2000, help="rows the timed shared-state builds fit on")
     parser.add_argument("--small", type=int, default=5000)
     parser.add_argument("--large", type=int, default=50000)
     parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    datasets.disable_progress_bars()  # the log keeps the tables
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         scale = scaling(args, work)  # first, while no other work has warmed or fragmented anything
@@ -130,10 +160,11 @@ def main() -> None:
     for m in memory:
         print(f"| {m['rows']} rows | {m['peak_rss_mb']:.0f} |")
     print(f"| ratio {args.large} / {args.small} | {memory[1]['peak_rss_mb'] / memory[0]['peak_rss_mb']:.2f} |")
-    print(f"\n| protecting the shards of {scale['images']} images (10 steps) | wall (s) |\n| --- | --- |")
-    for k in ("1 process x 2 threads", "2 processes x 1 thread"):
-        print(f"| {k} | {scale[k]:.1f} |")
-    print(f"| speed-up | {scale['speedup']:.2f} |")
+    threads, processes, single = LAUNCHES
+    print(f"\n| phase (2 cores) | {threads} (s) | {processes} (s) | {single} (s) | speed-up: 2 processes vs 2 threads "
+          f"| 2 processes vs 1 |\n| --- | --- | --- | --- | --- | --- |")
+    for r in scale:
+        print(f"| {r['phase']} | {r[threads]:.1f} | {r[processes]:.1f} | {r[single]:.1f} | {r['speedup']:.2f} | {r['process_scaling']:.2f} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"throughput": rows, "memory": memory, "memory_ratio": memory[1]["peak_rss_mb"] / memory[0]["peak_rss_mb"],
                                      "scaling": scale}, indent=2) + "\n")

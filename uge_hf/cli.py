@@ -27,7 +27,7 @@ def _protect(args) -> int:
     from .protect import protect
 
     overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon else {}
-    for name in ("mode", "steps", "seed", "batch_size", "micro_batches"):
+    for name in ("mode", "steps", "seed", "batch_size", "micro_batches", "fit_sample"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.resize:
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--fit-sample", type=int, help="build the shared state on the first N rows of the fit split (default: all)")
     p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "
                    "that give the same bytes; raise it to launch more")
     p.add_argument("--resize", help="resize every image to WxH before protecting (default: keep native sizes)")

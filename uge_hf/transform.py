@@ -234,7 +234,10 @@ class UGETransform:
     def fit(cls, dataset, key: AuthorizedModel, config: Optional[ProtectConfig] = None, *, image_column: Optional[str] = None,
             label_column: Optional[str] = None, feature_backbone: Optional[nn.Module] = None,
             cache_dir: Optional[str | os.PathLike] = None, verbose: bool = True) -> "UGETransform":
-        """Build the shared state on ``dataset`` (its first ``config.fit_sample`` rows) for ``key``."""
+        """Build the shared state on ``dataset`` (its first ``config.fit_sample`` rows) for ``key``.
+
+        Under ``accelerate launch`` every process calls it alike and shares the work; each gets
+        the same state, byte for byte (see :mod:`uge_hf.parallel`)."""
         from .data import find_columns, load_tensors, validate_labels
         from .fitting import build_shared_state
 
