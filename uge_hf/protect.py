@@ -188,9 +188,11 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
     accelerator.wait_for_everyone()
 
     # Shared state: built once, by every process together (each optimization step is shared
-    # out, parallel.py), resumable; the main process saves it and the others load that copy.
+    # out, parallel.py), so each holds the same copy; resumable; the main process saves it.
     final_state = state_path / "state"
-    if not (final_state / "state.json").exists():
+    if (final_state / "state.json").exists():
+        transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
+    else:
         transform = UGETransform.fit(data[fit_split], key, config, image_column=columns[0], label_column=columns[1],
                                      feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
         if accelerator.is_main_process:
@@ -198,7 +200,6 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
             atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,
                                                                 "phases_s": transform.state.timings}).encode())
     accelerator.wait_for_everyone()
-    transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
 
     # Shards, dealt round-robin to processes; each is skipped if already complete.
     jobs = []
