@@ -73,7 +73,7 @@ def data_parallel_gradients(module: nn.Module, micro_loss: Callable[[int], Optio
     total = table[0].clone()
     for row in table[1:]:  # the fixed order
         total += row
-    filled = int(total[-1].item())
+    loss, filled = total[-2:].tolist()  # one device sync a step
     with torch.no_grad():
         offset = 0
         for p in params:
@@ -84,7 +84,7 @@ def data_parallel_gradients(module: nn.Module, micro_loss: Callable[[int], Optio
             offset += b.numel()
         for b, s in zip(counters, start[len(floats):]):
             b.copy_(s + (1 if filled and module.training else 0))  # batch-norm's step counter advances once a step
-    return total[-2].item()
+    return loss
 
 
 def gather_rows(local: torch.Tensor, micro_batches: int, ranks: Ranks) -> torch.Tensor:
