@@ -152,25 +152,26 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """A narrow MobileNetV2: inverted residuals with depthwise convolutions."""
+    """MobileNetV2: inverted residuals with depthwise convolutions; narrow by default."""
 
-    def __init__(self, num_classes: int, in_channels: int, stages=((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 2))):
+    def __init__(self, num_classes: int, in_channels: int, stages=((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 2)),
+                 head: int = 256):
         super().__init__()
         layers, cin = [Normalize(in_channels), conv_bn(in_channels, 32)], 32
         for expand, cout, n, stride in stages:
             for j in range(n):
                 layers.append(InvertedResidual(cin, cout, stride if j == 0 else 1, expand))
                 cin = cout
-        layers += [nn.Conv2d(cin, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU6(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(256, num_classes)
+        self.classifier = nn.Linear(head, num_classes)
 
     def forward(self, x):
         return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
 class DenseNet(nn.Module):
-    """A small DenseNet: each layer sees the concatenation of all earlier ones in its block."""
+    """A 3-block CIFAR DenseNet: each layer sees the concatenation of all earlier ones in its block."""
 
     def __init__(self, num_classes: int, in_channels: int, growth: int = 16, layers_per_block: int = 4):
         super().__init__()
@@ -256,6 +257,14 @@ register_model("mobilenet-small")(lambda num_classes, in_channels: MobileNetV2(n
 register_model("densenet-small")(lambda num_classes, in_channels: DenseNet(num_classes, in_channels))
 register_model("mixer-small")(lambda num_classes, in_channels: MLPMixer(num_classes, in_channels))
 register_model("vit-tiny")(lambda num_classes, in_channels: ViT(num_classes, in_channels))
+# Full-size hackers for paper-scale runs on a GPU (bench/paper_scale.py), in their CIFAR forms.
+register_model("vgg16")(lambda num_classes, in_channels: VGG(num_classes, in_channels, (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)))
+register_model("mobilenetv2")(lambda num_classes, in_channels: MobileNetV2(num_classes, in_channels, (
+    (1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)), head=1280))
+# DenseNet-40 (k = 12, three blocks of 12 layers; Huang et al. 2017), with this class's stem
+# (2x downsampling) and halving transitions.
+register_model("densenet40")(lambda num_classes, in_channels: DenseNet(num_classes, in_channels, growth=12, layers_per_block=12))
 # Surrogates for the common feature space: families that differ from the key and from the
 # default hacker panel, so the benchmark measures transfer to architectures never seen.
 register_model("resnet-tiny")(lambda num_classes, in_channels: ResNet(num_classes, in_channels, (1, 1), (32, 64)))
