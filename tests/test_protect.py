@@ -19,7 +19,8 @@ def pixels(ds, column="img"):
 
 def test_protected_folder_is_a_hub_dataset_repo(protected_dir, small_train):
     files = sorted(p.relative_to(protected_dir).as_posix() for p in protected_dir.rglob("*") if p.is_file())
-    assert files == ["README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "uge_hf.json"]
+    assert files == [".uge_hf_manifest.json", "README.md", "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
+                     "uge_hf.json"]
     out = load_dataset(str(protected_dir))
     assert list(out) == ["train"] and len(out["train"]) == len(small_train)
     assert out["train"].features == small_train.features
@@ -168,7 +169,7 @@ def test_refuses_undecodable_image_and_names_its_row(tmp_path, small_train, key)
 def test_refuses_an_output_folder_holding_another_run(tmp_path, protected_dir, small_train, key):
     other = ProtectConfig.preset("fast", seed=1)
     before = sha256_file(protected_dir / "uge_hf.json")
-    with pytest.raises(FileExistsError, match="holds another run.*overwrite=True"):
+    with pytest.raises(FileExistsError, match="holds another uge-hf run.*overwrite=True"):
         protect(small_train, key, other, output_dir=protected_dir, verbose=False)
     assert sha256_file(protected_dir / "uge_hf.json") == before
 

@@ -10,6 +10,9 @@ from typing import Optional
 from datasets import DatasetInfo, Features
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .folder import CARD_NAME, folder_features, read_metadata, split_of, write_metadata
+from .utils import atomic_write
+
 DEFAULT_TEMPLATE = "dataset_card.md"
 
 
@@ -40,16 +43,13 @@ def efficacy_markdown(rows: list[dict]) -> str:
 def uge_block(metadata: dict) -> dict:
     """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data."""
     key, cfg = metadata["key"], metadata["config"]
-    source = key.get("source") or {}
-    return {
+    block = {
         "version": metadata["uge_hf_version"],
         "method": "ungeneralizable-examples",
-        "key_architecture": key["architecture"],
-        "key_num_classes": key["num_classes"],
+        # The key's hashes and nothing that narrows a search for it (no seed, no repo; the
+        # architecture only if the protector opted in), DESIGN.md 2.
         "key_fingerprint": key["fingerprint"],
         "key_weights_sha256": key["weights_sha256"],
-        "key_repo": source.get("repo_id"),
-        "key_revision": source.get("revision"),
         "epsilon": cfg["epsilon"],
         "mode": cfg["mode"],
         "loss_weights": {"gm": cfg["lambda_gm"], "fd": cfg["lambda_fd"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
@@ -58,8 +58,13 @@ def uge_block(metadata: dict) -> dict:
         "state_fingerprint": metadata["state_fingerprint"],
         "generator_fingerprint": metadata["generator_fingerprint"],
         "shards": metadata["shards"],
+        "perturbed_fraction": metadata.get("perturbed_fraction"),
         "efficacy": (metadata.get("efficacy") or {}).get("rows"),
+        "efficacy_epochs": (metadata.get("efficacy") or {}).get("epochs"),
     }
+    if "architecture" in key:
+        block.update(key_architecture=key["architecture"], key_num_classes=key["num_classes"])
+    return block
 
 
 def render_card(metadata: dict, features: Features, *, template: Optional[str | os.PathLike] = None, repo_id: Optional[str] = None) -> DatasetCard:
@@ -72,10 +77,11 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     splits = metadata["protected_splits"] + metadata["copied_splits"]
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
-    data_files = [{"split": s, "path": f"data/{s}-*"} for s in splits]
+    # Exactly the listed files: a file slipped in beside them is not loaded (nor verified).
+    data_files = [{"split": s, "path": sorted(p for p in metadata["shards"] if split_of(p) == s)} for s in splits]
     pretty_name = f"{repo_id.split('/')[-1] if repo_id else 'Protected dataset'} (UGE-protected)"
     card_data = DatasetCardData(
-        license="other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
+        license=(metadata.get("source") or {}).get("license") or "other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
         pretty_name=pretty_name, tags=["uge", "unlearnable-examples", "ungeneralizable-examples", "data-protection"],
         configs=[{"config_name": "default", "data_files": data_files}] if metadata.get("output_format", "parquet") == "parquet" else None,
         dataset_info=info, uge_hf=uge_block(metadata),
@@ -93,22 +99,16 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
 def write_card(out_dir: str | os.PathLike, metadata: dict, features: Features, *, template: Optional[str | os.PathLike] = None,
                repo_id: Optional[str] = None) -> DatasetCard:
     """Render and write ``README.md`` into a protected folder (atomically)."""
-    from .fitting import atomic_write
-
     card = render_card(metadata, features, template=template, repo_id=repo_id)
-    atomic_write(Path(out_dir) / "README.md", str(card).encode())
+    atomic_write(Path(out_dir) / CARD_NAME, str(card).encode())
     return card
 
 
 def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     """Store a measured efficacy table (``{"rows": [...], "summary": {...}}``, as
     ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card."""
-    import json
-
-    from .protect import METADATA_NAME, folder_features, write_metadata
-
     folder = Path(folder)
-    metadata = json.loads((folder / METADATA_NAME).read_text())
+    metadata = read_metadata(folder)
     metadata["efficacy"] = efficacy
     write_metadata(folder, metadata)
     return write_card(folder, metadata, folder_features(folder))

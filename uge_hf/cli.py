@@ -1,6 +1,11 @@
 """``uge-hf``: one command per step (keygen, protect, evaluate, push, verify).
 
 Runs the same under ``accelerate launch -m uge_hf protect ...`` on many processes.
+
+Exit codes mean one thing each: 0 done; 1 the key does not match the dataset (verify,
+evaluate); 2 bad input or usage (the message says what to change); 3 the data failed its
+integrity check (a file modified or not listed); 4 another uge-hf run holds the folder;
+130 interrupted (rerun the same command to resume). Expected failures print one line.
 """
 
 from __future__ import annotations
@@ -12,13 +17,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+EXIT_MISMATCH, EXIT_USAGE, EXIT_TAMPERED, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
 def _keygen(args) -> int:
     from .key import AuthorizedModel
 
+    if args.seed is not None:
+        print(f"warning: --seed {args.seed} makes the key reproducible by anyone who guesses the seed; use it for tests only",
+              file=sys.stderr)
     key = AuthorizedModel.create(args.arch, num_classes=args.num_classes, seed=args.seed, in_channels=args.in_channels)
     key.save_pretrained(args.out)
-    print(f"wrote key {key.architecture} (fingerprint {key.fingerprint}) to {args.out}; keep it private")
+    print(f"wrote key {key.architecture} (fingerprint {key.fingerprint}) to {args.out} (owner-only); keep it private")
     return 0
+
+
+def parse_resize(value: str) -> tuple[int, int]:
+    """``"64"`` or ``"64x48"`` (width x height, pixels)."""
+    width, _, height = value.lower().partition("x")
+    try:
+        return int(width), int(height or width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size; write WxH in pixels, e.g. 64x48, or one number for a square") from None
 
 
 def _protect(args) -> int:
@@ -31,9 +51,9 @@ def _protect(args) -> int:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.resize:
-        width, _, height = args.resize.partition("x")
-        overrides["resize"] = (int(width), int(height or width))
+        overrides["resize"] = args.resize
     config = ProtectConfig.preset(args.preset, **overrides)
+    key = AuthorizedModel.from_pretrained(args.key)  # before the data: a wrong key path fails in a second
     dataset = args.dataset
     if args.limit is not None or args.split:
         from datasets import load_dataset
@@ -41,11 +61,12 @@ def _protect(args) -> int:
         dataset = load_dataset(args.dataset, split=args.split or "train")
         if args.limit is not None:
             dataset = dataset.select(range(min(args.limit, len(dataset))))
-    key = AuthorizedModel.from_pretrained(args.key)
-    source = {"dataset": Path(args.dataset).name, "split": args.split, "rows": args.limit}
+    source = {"dataset": Path(args.dataset).name, "split": args.split,
+              "rows": len(dataset) if args.limit is not None else None, "license": args.license}
     out = protect(dataset, key, config, output_dir=args.out, splits=args.splits, image_column=args.image_column,
                   label_column=args.label_column, overwrite=args.overwrite, output_format=args.format,
-                  shard_size=args.shard_size, source=source, verbose=not args.quiet)
+                  shard_size=args.shard_size, source=source, disclose_key_architecture=args.disclose_key_architecture,
+                  verbose=not args.quiet)
     print(f"protected {', '.join(f'{s}: {len(d)} rows' for s, d in out.items())} into {args.out}")
     return 0
 
@@ -55,9 +76,11 @@ def _evaluate(args) -> int:
 
     from .evaluation import evaluate
     from .key import AuthorizedModel
-    from .protect import METADATA_NAME, load_output
+    from .folder import load_output, read_metadata
+    from .hub import verify
 
-    metadata = json.loads((Path(args.protected) / METADATA_NAME).read_text())
+    verify(args.protected, args.key)  # the "key θ0" row means nothing with another key, nor on modified data
+    metadata = read_metadata(args.protected)
     split = metadata["protected_splits"][0]
     protected = load_output(Path(args.protected))[split]
     clean = load_dataset(args.clean)
@@ -81,60 +104,68 @@ def _evaluate(args) -> int:
 def _push(args) -> int:
     from .hub import push_to_hub
 
-    url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision)
+    url = push_to_hub(args.folder, args.repo_id, private=not args.public, revision=args.revision)
     print(f"pushed {args.folder} to {url}")
     return 0
 
 
 def _verify(args) -> int:
-    from .hub import KeyMismatchError, verify
+    from .hub import verify
 
-    try:
-        report = verify(args.dataset, args.key, revision=args.revision, key_revision=args.key_revision)
-    except KeyMismatchError as error:
-        print(f"MISMATCH: {error}", file=sys.stderr)
-        return 1
-    print(f"OK: key {report['key_fingerprint']} matches the card; {report['shards_checked']} shard hashes verified")
+    report = verify(args.dataset, args.key, revision=args.revision, key_revision=args.key_revision)
+    print(f"OK: key {report['key_fingerprint']} matches the card; {report['shards_checked']} data files verified, none unlisted")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_HACKERS, list_models
 
-    parser = argparse.ArgumentParser(prog="uge-hf", description="Ungeneralizable Examples for Hugging Face datasets.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
 
-    p = sub.add_parser("keygen", help="create an authorized model (the key): architecture + initial weights")
-    p.add_argument("--arch", default="convnet", choices=list_models())
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
+    parser = argparse.ArgumentParser(prog="uge-hf", description="Ungeneralizable Examples for Hugging Face datasets: protect an image "
+                                     "dataset so that only the authorized model (the key) learns from it.",
+                                     epilog="Exit codes: 0 done, 1 key mismatch, 2 bad input, 3 data integrity, 4 folder busy, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"uge-hf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+
+    p = sub.add_parser("keygen", help="create an authorized model (the key): architecture + initial weights", **defaults)
+    p.add_argument("--arch", default="convnet", help="architecture of the key (a name of uge_hf.models.list_models())")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the dataset to protect (at least 2)")
+    p.add_argument("--in-channels", type=int, default=3, help="3 for RGB data, 1 for grayscale data")
+    p.add_argument("--seed", type=int, default=None, help="INSECURE, for tests: initialize from this seed instead of the OS's random source")
+    p.add_argument("--out", required=True, help="new folder for model.safetensors + config.json (written owner-only; never overwritten)")
     p.set_defaults(func=_keygen)
 
-    p = sub.add_parser("protect", help="protect a dataset (folder, Hub id) for a key")
+    p = sub.add_parser("protect", help="protect a dataset (folder, Hub id) for a key", **defaults)
     p.add_argument("dataset", help="a local dataset folder or a Hub dataset id")
-    p.add_argument("--key", required=True, help="key folder or Hub model repo")
-    p.add_argument("--out", required=True, help="output folder (a Hub dataset repo layout)")
-    p.add_argument("--split", help="protect only this split (with --limit: its first rows)")
-    p.add_argument("--splits", nargs="+", help="splits to protect (default: all); others are copied")
-    p.add_argument("--limit", type=int, help="protect only the first N rows of --split (default train)")
-    p.add_argument("--epsilon", help="L-inf budget, e.g. 8/255 (default) or 0.0314")
-    p.add_argument("--preset", default="default", choices=["default", "fast", "key-first"])
-    p.add_argument("--mode", choices=["per-sample", "generator"])
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--key", required=True, help="key folder (from `uge-hf keygen`) or Hub model repo")
+    p.add_argument("--out", required=True, help="new or empty output folder (a Hub dataset repo layout); its private state goes "
+                   "beside it, in OUT.uge-state")
+    p.add_argument("--split", help="load only this split, and protect it (with --limit: its first rows)")
+    p.add_argument("--splits", nargs="+", help="of a dataset with several splits, protect these (default: all); the others are "
+                   "copied unprotected")
+    p.add_argument("--limit", type=int, help="protect only the first N rows of --split (default split: train)")
+    p.add_argument("--epsilon", help="L-inf budget on the 0-1 pixel scale, e.g. 8/255 or 0.0314 (default of the preset: 8/255)")
+    p.add_argument("--preset", default="default", choices=["default", "fast", "key-first"],
+                   help="default: the benchmarked setting; fast: a quick, weaker setting for tries; key-first: favors the key")
+    p.add_argument("--mode", choices=["per-sample", "generator"], help="override the preset's perturbation mode")
+    p.add_argument("--steps", type=int, help="override the preset's search steps per batch")
+    p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")
+    p.add_argument("--batch-size", type=int, help="rows perturbed together (memory grows with it)")
     p.add_argument("--fit-sample", type=int, help="build the shared state on the first N rows of the fit split (default: all)")
     p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "
                    "that give the same bytes; raise it to launch more")
-    p.add_argument("--resize", help="resize every image to WxH before protecting (default: keep native sizes)")
-    p.add_argument("--shard-size", type=int, default=5000)
-    p.add_argument("--format", default="parquet", choices=["parquet", "arrow"])
-    p.add_argument("--image-column")
-    p.add_argument("--label-column")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resize", type=parse_resize, help="resize every image to WxH pixels, e.g. 64x48 (default: native sizes)")
+    p.add_argument("--shard-size", type=int, default=5000, help="rows per output shard")
+    p.add_argument("--format", default="parquet", choices=["parquet", "arrow"], help="parquet for load_dataset, arrow for load_from_disk")
+    p.add_argument("--image-column", help="the Image column (default: found by type)")
+    p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
+    p.add_argument("--license", help="the source dataset's license id, recorded in the card (default: other)")
+    p.add_argument("--disclose-key-architecture", action="store_true", help="record the key's architecture in the public card "
+                   "(narrows a hacker's search: off by default)")
+    p.add_argument("--overwrite", action="store_true", help="replace another uge-hf run in --out (only files uge-hf wrote are deleted)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_protect)
 
     p = sub.add_parser("evaluate", help="train the key and hacker models on clean vs protected data")
@@ -150,29 +181,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("push", help="push a protected folder (shards + card + metadata) to the Hub in one commit")
-    p.add_argument("folder")
-    p.add_argument("repo_id")
-    p.add_argument("--public", dest="private", action="store_false", help="create the dataset repo public (default private)")
+    p = sub.add_parser("push", help="push a protected folder (shards + card + metadata) to the Hub in one commit", **defaults)
+    p.add_argument("folder", help="a folder written by `uge-hf protect`")
+    p.add_argument("repo_id", help="the dataset repo, e.g. you/cifar10-uge")
+    p.add_argument("--public", action="store_true", help="publish: create the repo public, or push into a public one "
+                   "(default: private, and an existing public repo is refused)")
     p.add_argument("--revision", help="branch to push to")
     p.set_defaults(func=_push)
 
-    p = sub.add_parser("verify", help="check a key against a protected dataset's card; exit 1 on mismatch")
+    p = sub.add_parser("verify", help="check a key against a protected dataset's card and every data file; exit 1 on a key mismatch, "
+                       "3 on modified or unlisted data", **defaults)
     p.add_argument("dataset", help="protected folder or Hub dataset id")
     p.add_argument("--key", required=True, help="key folder or Hub model repo")
-    p.add_argument("--revision")
-    p.add_argument("--key-revision")
+    p.add_argument("--revision", help="revision of the dataset repo")
+    p.add_argument("--key-revision", help="revision of the key's repo")
     p.set_defaults(func=_verify)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns its exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import os
+
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # datasets' own bars (map, load) too
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    from .folder import RunInProgressError
+    from .hub import KeyMismatchError, TamperedShardError
+
+    failures = ((KeyMismatchError, EXIT_MISMATCH, "key mismatch"), (TamperedShardError, EXIT_TAMPERED, "data integrity"),
+                (RunInProgressError, EXIT_BUSY, "busy"),
+                ((ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError), EXIT_USAGE, "error"))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        print(f"uge-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\nuge-hf {args.command}: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        for kinds, code, label in failures:
+            if isinstance(error, kinds):
+                print(f"uge-hf {args.command}: {label}: {error}", file=sys.stderr)
+                return code
+        raise
 
 
 if __name__ == "__main__":

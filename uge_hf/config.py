@@ -3,24 +3,50 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Optional
 
+from .data import MIN_SIDE
 from .models import DEFAULT_SURROGATES, list_models
+from .training import RECIPES
 
 MODES = ("per-sample", "generator")
 
 
 def parse_epsilon(value: str | float) -> float:
-    """``"8/255"``, ``"0.03"`` or a float, checked to lie in (0, 1]."""
+    """``"8/255"``, ``"0.03"`` or a number (NumPy's included), as a ``float`` on the 0-1 pixel
+    scale, checked to lie in [1/255, 1].
+
+    Raises:
+        ValueError: not a number (``True`` is not one), or outside [1/255, 1]: below one
+            8-bit level no pixel can change, so nothing would be protected.
+    """
     try:
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+            raise TypeError
         eps = float(Fraction(value)) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError):
+    except (TypeError, ValueError, ZeroDivisionError):
         raise ValueError(f"epsilon {value!r} is not a number; write it like 8/255 or 0.0314") from None
     if not 0 < eps <= 1:
         raise ValueError(f"epsilon must lie in (0, 1] (pixel scale, 8/255 ≈ 0.031 is usual); got {value!r}")
+    if eps * 255 < 1 - 1e-6:
+        raise ValueError(f"epsilon {value!r} is below one 8-bit level (1/255 ≈ 0.0039): no pixel of the PNG output could "
+                         "change, so nothing would be protected; use at least 1/255 (8/255 is usual)")
     return eps
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= minimum:
+        raise ValueError(f"{name} must be a number >= {minimum}; got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -58,26 +84,44 @@ class ProtectConfig:
     # Each optimization step of the build sums this many micro-batches' gradients in a fixed
     # order, so the state is the same bytes on any number of processes up to this (parallel.py).
     micro_batches: int = 4
+    # Training recipe of the key's trajectory and the surrogates (uge_hf.training.RECIPES): an
+    # authorized model retraces the trajectory when it is trained with the same one.
+    recipe: str = "standard"
     # Generator mode.
     generator_sample: int = 1000
     generator_epochs: int = 30
     refine_steps: int = 0
 
     def __post_init__(self):
-        parse_epsilon(self.epsilon)
+        # Normalize every value once, here: a string epsilon, a NumPy number or a list must not
+        # fail after the shared state is built, nor reach the card as anything but plain JSON.
+        put = lambda name, value: object.__setattr__(self, name, value)
+        put("epsilon", parse_epsilon(self.epsilon))
+        for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
+                              ("micro_batches", 1), ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
+                              ("steps", 1 if self.mode == "per-sample" else 0)):
+            put(name, _integer(name, getattr(self, name), minimum))
+        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind"):
+            put(name, _real(name, getattr(self, name), 0.0))
+        if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
+            raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
+        if self.step_size is not None:
+            put("step_size", _real("step_size", self.step_size, 1e-9))
+        if self.fit_sample is not None:
+            put("fit_sample", _integer("fit_sample", self.fit_sample, 1))
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        put("surrogates", tuple(str(s) for s in self.surrogates))
         unknown = [s for s in self.surrogates if s not in list_models()]
         if unknown:
             raise ValueError(f"unknown surrogate architecture(s) {unknown}; available: {', '.join(list_models())}")
-        if min(self.batch_size, self.gm_every, self.micro_batches) < 1 or min(self.steps, self.refine_steps) < 0:
-            raise ValueError("batch_size, gm_every and micro_batches must be >= 1, steps and refine_steps >= 0")
-        object.__setattr__(self, "surrogates", tuple(self.surrogates))
-        object.__setattr__(self, "other_seeds", tuple(self.other_seeds))
+        put("other_seeds", tuple(_integer("other_seeds", v, 0) for v in self.other_seeds))
         if self.resize is not None:
-            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
-            if len(self.resize) != 2 or min(self.resize) < 1:
+            if isinstance(self.resize, (str, bytes)) or len(self.resize) != 2:
                 raise ValueError(f"resize must be (width, height) in pixels, got {self.resize!r}")
+            put("resize", tuple(_integer("resize", v, MIN_SIDE) for v in self.resize))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ProtectConfig":

@@ -1,4 +1,4 @@
-"""The shared state of a run, built once: the key's trajectory, the common feature space,
+"""Building the shared state of a run, once: the key's trajectory, the common feature space,
 trajectories of other seeds (for binding to θ0) and, in generator mode, the generator.
 
 Every training job checkpoints at each epoch into a cache folder and resumes from there,
@@ -7,11 +7,10 @@ so an interrupted build finishes with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import io
+import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,33 +20,17 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from . import __version__
 from .config import ProtectConfig
 from .key import AuthorizedModel
 from .models import create_model
-from .parallel import Ranks
-from .training import TrainConfig, to_float, train_model
-from .utils import default_device, tensors_fingerprint
+from .objective import Objective
+from .parallel import Ranks, data_parallel_gradients
+from .state import SharedState
+from .training import RECIPES, TrainConfig, to_float, train_model
+from .utils import atomic_write, default_device, private_dir, progress_bar, seeded_generator, tensors_fingerprint
 
 STATE_WEIGHTS = "state.safetensors"
 STATE_CONFIG = "state.json"
-
-
-class CentroidHead(nn.Module):
-    """A frozen feature backbone turned into a classifier of the common feature space:
-    scores are cosine similarities to each class's mean clean feature, over a temperature.
-
-    Use it to plug any vision backbone (a ``transformers`` CLIP vision tower loaded from a
-    local path, say) into ``L_fd`` through ``protect(..., feature_backbone=...)``.
-    """
-
-    def __init__(self, backbone: nn.Module, centroids: torch.Tensor, temperature: float = 0.05):
-        super().__init__()
-        self.backbone, self.temperature = backbone, temperature
-        self.register_buffer("centroids", F.normalize(centroids, dim=1))
-
-    def forward(self, x):
-        return F.normalize(self.backbone(x).flatten(1), dim=1) @ self.centroids.T / self.temperature
 
 
 class Generator(nn.Module):
@@ -78,96 +61,6 @@ class Generator(nn.Module):
         return (x + delta).clamp(0, 1)
 
 
-@dataclass
-class SharedState:
-    """Everything the transform needs besides the images: built by :func:`build_shared_state`,
-    saved by :meth:`save_pretrained`, identified by :attr:`fingerprint`."""
-
-    architecture: str
-    num_classes: int
-    in_channels: int
-    key_fingerprint: str
-    config: ProtectConfig
-    trajectory: list[dict[str, torch.Tensor]]
-    surrogates: list[tuple[str, dict[str, torch.Tensor]]]
-    other_trajectories: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
-    centroids: Optional[torch.Tensor] = None  # for a user-supplied feature backbone
-    backbone_fingerprint: Optional[str] = None
-    generator: Optional[dict[str, torch.Tensor]] = None
-    image_size: tuple[int, int] = (32, 32)
-    timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per phase; not part of the state
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for t, w in enumerate(self.trajectory):
-            out.update({f"trajectory.{t}.{k}": v for k, v in w.items()})
-        for i, (_, w) in enumerate(self.surrogates):
-            out.update({f"surrogate.{i}.{k}": v for k, v in w.items()})
-        for s, traj in enumerate(self.other_trajectories):
-            for t, w in enumerate(traj):
-                out.update({f"other.{s}.{t}.{k}": v for k, v in w.items()})
-        if self.centroids is not None:
-            out["centroids"] = self.centroids
-        if self.generator is not None:
-            out.update({f"generator.{k}": v for k, v in self.generator.items()})
-        return {k: v.contiguous() for k, v in out.items()}
-
-    def metadata(self) -> dict:
-        return {"architecture": self.architecture, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "key_fingerprint": self.key_fingerprint, "config": self.config.to_dict(),
-                "trajectory_length": len(self.trajectory), "surrogates": [a for a, _ in self.surrogates],
-                "other_trajectories": [len(t) for t in self.other_trajectories],
-                "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
-                "has_generator": self.generator is not None, "uge_hf_version": __version__}
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 over the metadata and every tensor: equal fingerprints, equal outputs."""
-        meta = dict(self.metadata(), uge_hf_version=None)
-        return hashlib.sha256((json.dumps(meta, sort_keys=True) + tensors_fingerprint(self.tensors())).encode()).hexdigest()
-
-    @property
-    def generator_fingerprint(self) -> Optional[str]:
-        return tensors_fingerprint(self.generator) if self.generator is not None else None
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / STATE_WEIGHTS, save_safetensors_bytes(self.tensors()))
-        atomic_write(path / STATE_CONFIG, (json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n").encode())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "SharedState":
-        path = Path(directory)
-        if not (path / STATE_CONFIG).exists():
-            raise FileNotFoundError(f"no {STATE_CONFIG} in {path}: not a saved UGE state (save one with UGETransform.save_pretrained)")
-        return cls.from_parts(json.loads((path / STATE_CONFIG).read_text()), load_safetensors_bytes((path / STATE_WEIGHTS).read_bytes()))
-
-    @classmethod
-    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "SharedState":
-        """Rebuild from :meth:`metadata` and :meth:`tensors`."""
-
-        def group(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        return cls(
-            architecture=meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-            key_fingerprint=meta["key_fingerprint"], config=ProtectConfig.from_dict(meta["config"]),
-            trajectory=[group(f"trajectory.{t}.") for t in range(meta["trajectory_length"])],
-            surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
-            other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],
-            centroids=tensors.get("centroids"), backbone_fingerprint=meta["backbone_fingerprint"],
-            generator=group("generator.") if meta["has_generator"] else None, image_size=tuple(meta["image_size"]),
-        )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class Checkpoints:
     """Where one optimization of the build keeps its progress in ``cache_dir``:
     ``{name}.resume.pt`` after every epoch, ``{name}.safetensors`` once finished. Every
@@ -186,13 +79,13 @@ class Checkpoints:
 
     def save_epoch(self, payload: dict) -> None:
         if self.resume is not None and self.writer:
-            tmp = self.resume.with_name(self.resume.name + ".tmp")
-            torch.save(payload, tmp)
-            os.replace(tmp, self.resume)
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            atomic_write(self.resume, buffer.getvalue(), private=True)
 
     def finish(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.done is not None and self.writer:
-            atomic_write(self.done, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}))
+            atomic_write(self.done, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}), private=True)
             self.resume.unlink(missing_ok=True)
 
 
@@ -247,11 +140,9 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     check_feature_space(config, feature_backbone)
     ranks = Ranks.current()
     verbose = verbose and ranks.is_main
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
+    cache = private_dir(cache_dir) if cache_dir is not None else None  # holds θ0's trajectory: owner-only
     device = default_device()
-    recipe = TrainConfig(epochs=config.trajectory_epochs, micro_batches=config.micro_batches)
+    recipe = replace(RECIPES[config.recipe], epochs=config.trajectory_epochs, micro_batches=config.micro_batches)
     timings, clock = {}, time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -281,8 +172,6 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     state = SharedState(key.architecture, key.num_classes, key.in_channels, key.fingerprint, config, trajectory, surrogates,
                         others, centroids, backbone_fp, image_size=tuple(images.shape[-2:]), timings=timings)
     if config.mode == "generator":
-        from .transform import fit_generator  # the generator is fitted with the transform's own objective
-
         state.generator = fit_generator(state, images, labels, feature_backbone=feature_backbone, cache_dir=cache, verbose=verbose,
                                         ranks=ranks)
         lap("generator")
@@ -297,3 +186,53 @@ def class_centroids(backbone: nn.Module, images: torch.Tensor, labels: torch.Ten
     if missing:
         raise ValueError(f"classes {missing} have no image in the fit sample; enlarge fit_sample so every class appears")
     return torch.stack([feats[labels == c].mean(0) for c in range(num_classes)])
+
+
+def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor, *, feature_backbone: Optional[nn.Module] = None,
+                  cache_dir: Optional[Path] = None, verbose: bool = True, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+    """Fit the generator on a seeded sample of ``config.generator_sample`` images with the
+    same objective the per-sample search minimizes; returns its weights.
+
+    Data-parallel over ``ranks`` like the rest of the build, checkpointed after every epoch
+    into ``cache_dir`` and resumed from there."""
+    checkpoints = Checkpoints(cache_dir, "generator", ranks)
+    if (weights := checkpoints.finished()) is not None:
+        return weights
+    cfg, device = state.config, default_device()
+    sample = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator-sample"))[:cfg.generator_sample]
+    images, labels = images[sample], labels[sample]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:])).to(device)
+    objective = Objective(state, feature_backbone, device)
+    optimizer = torch.optim.Adam([{"params": generator.net.parameters(), "lr": 1e-3}, {"params": [generator.codes], "lr": 2e-2}])
+    start = 0
+    if (ckpt := checkpoints.last_epoch()) is not None:
+        start = ckpt["epoch"] + 1
+        generator.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    batch = min(cfg.batch_size, len(labels))
+    steps_per_epoch = math.ceil(len(labels) / batch)
+    bar = progress_bar(total=cfg.generator_epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="generator", verbose=verbose)
+    for epoch in range(start, cfg.generator_epochs):
+        order = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator", epoch))
+        for i in range(steps_per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            pieces = idx.tensor_split(cfg.micro_batches)
+
+            def micro_loss(k: int) -> Optional[torch.Tensor]:
+                if len(pieces[k]) == 0:
+                    return None
+                x, y = to_float(images[pieces[k]], device), labels[pieces[k]].to(device)
+                gen = seeded_generator(cfg.seed, "generator", epoch, i, k)
+                return objective(x, generator(x, y, cfg.epsilon), y, gen) * (len(pieces[k]) / len(idx))
+
+            loss = data_parallel_gradients(generator, micro_loss, cfg.micro_batches, ranks)
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        checkpoints.save_epoch({"epoch": epoch, "model": generator.state_dict(), "optimizer": optimizer.state_dict()})
+    bar.close()
+    weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    checkpoints.finish(weights)
+    return weights

@@ -9,7 +9,6 @@ key model ready to train. Tokens come from ``huggingface_hub``'s usual places
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -17,10 +16,11 @@ from typing import Optional, Union
 
 import torch.nn as nn
 from datasets import DatasetDict
-from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi, snapshot_download
 
-from .key import AuthorizedModel
-from .protect import METADATA_NAME, folder_features, load_output
+from .card import render_card
+from .folder import CARD_NAME, DATA_FOLDERS, FIGURE_NAME, METADATA_NAME, folder_features, load_output, read_metadata, unlisted_files
+from .key import AuthorizedModel, refuse_public_repo
 from .utils import sha256_file
 
 
@@ -32,43 +32,59 @@ class TamperedShardError(ValueError):
     """A data file's sha256 differs from the one recorded when it was protected."""
 
 
-def published_files(folder: Path) -> list[Path]:
-    """What a protected folder publishes: the card, ``uge_hf.json`` and the data files
-    listed in it (never the shared state, which holds θ0)."""
-    metadata = json.loads((folder / METADATA_NAME).read_text())
-    return [folder / "README.md", folder / METADATA_NAME] + [folder / name for name in sorted(metadata["shards"])]
+def published_files(folder: Path) -> list[str]:
+    """What a protected folder publishes, relative to it: the card, ``uge_hf.json``, the
+    efficacy figure if there is one, and the data files listed in the metadata (never the
+    shared state, which holds θ0, nor anything else in the folder)."""
+    names = [CARD_NAME, METADATA_NAME] + ([FIGURE_NAME] if (folder / FIGURE_NAME).is_file() else [])
+    return names + sorted(read_metadata(folder)["shards"])
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True, revision: Optional[str] = None,
                 token: Optional[str] = None, commit_message: str = "Upload UGE-protected dataset") -> str:
     """Push a folder written by :func:`uge_hf.protect` to a Hub dataset repo in one commit.
 
-    The card is re-rendered with ``repo_id`` so its loading snippet is copy-paste ready.
-    Returns the commit URL.
+    The card is re-rendered with ``repo_id`` so its loading snippet is copy-paste ready. The
+    commit replaces the repo's data files (under ``data/`` and ``arrow/``) with exactly this
+    run's, so no earlier run's shard lingers beside them; other files of the repo stay.
+    Private by default: pushing into an existing *public* repo is refused unless
+    ``private=False`` says that publishing is meant. Returns the commit URL.
+
+    Raises:
+        FileNotFoundError: ``folder`` was not written by :func:`uge_hf.protect`.
+        TamperedShardError: a data file differs from its recorded hash, or is not listed.
+        PermissionError: the repo exists, is public, and ``private=True``.
 
     Example:
         >>> push_to_hub("cifar10-uge", "acme/cifar10-uge")  # doctest: +SKIP
     """
-    from .card import render_card
-
     folder = Path(folder)
-    if not (folder / METADATA_NAME).exists():
-        raise FileNotFoundError(f"{folder} has no {METADATA_NAME}: not a folder written by uge_hf.protect")
-    metadata = json.loads((folder / METADATA_NAME).read_text())
+    metadata = read_metadata(folder)
     check_shards(folder, metadata)
     card = render_card(metadata, folder_features(folder), repo_id=repo_id)
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    if private:
+        refuse_public_repo(api, repo_id, "dataset", "push_to_hub(..., private=False) (uge-hf push --public)")
     if revision is not None:
         api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd("README.md", str(card).encode())]
-    operations += [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in published_files(folder)[1:]]
+    names = published_files(folder)
+    stale = [f for f in api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+             if (f.split("/")[0] in DATA_FOLDERS or f == FIGURE_NAME) and f not in names]
+    operations = [CommitOperationDelete(f) for f in stale] + [CommitOperationAdd(CARD_NAME, str(card).encode())]
+    operations += [CommitOperationAdd(name, str(folder / name)) for name in names[1:]]
     info = api.create_commit(repo_id, operations, repo_type="dataset", revision=revision, commit_message=commit_message)
     return info.commit_url
 
 
 def check_shards(folder: Path, metadata: dict) -> int:
-    """Compare every data file's sha256 with ``uge_hf.json``; name the first that differs."""
+    """Compare every data file's sha256 with ``uge_hf.json``, naming the first that differs,
+    and refuse any file the metadata does not account for (``load_dataset`` would read an
+    extra shard as if it were protected). Returns the number of data files checked."""
+    unlisted = unlisted_files(folder, metadata)
+    if unlisted:
+        raise TamperedShardError(f"{folder} holds file(s) its uge_hf.json does not list: {', '.join(unlisted[:5])}; "
+                                 "they were not protected by this run: remove them, or re-download the dataset")
     for name, expected in sorted(metadata["shards"].items()):
         path = folder / name
         if not path.exists():
@@ -88,7 +104,7 @@ def fetch(dataset: str | os.PathLike, revision: Optional[str], token: Optional[s
 
 def card_record(folder: Path) -> dict:
     """The ``uge_hf:`` block of the folder's dataset card."""
-    card = DatasetCard.load(folder / "README.md")
+    card = DatasetCard.load(folder / CARD_NAME)
     block = card.data.to_dict().get("uge_hf")
     if not block:
         raise ValueError(f"the dataset card in {folder} has no uge_hf block: not a UGE-protected dataset")
@@ -108,11 +124,11 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
     record = card_record(folder)
     if key.fingerprint != record["key_fingerprint"]:
         message = (f"the key does not match this dataset: its weight hash is {key.fingerprint}, the card records "
-                   f"{record['key_fingerprint']} ({record['key_architecture']}). Use the checkpoint the data owner gave you")
+                   f"{record['key_fingerprint']}. Use the checkpoint the data owner gave you")
         if not trust_mismatch:
-            raise KeyMismatchError(message + ", or pass trust_mismatch=True to load anyway")
+            raise KeyMismatchError(message + ", or pass trust_mismatch=True (--trust-mismatch) to load anyway")
         warnings.warn(message + "; loading anyway because trust_mismatch=True: the model will not learn from this data", stacklevel=2)
-    metadata = json.loads((folder / METADATA_NAME).read_text())
+    metadata = read_metadata(folder)
     if metadata["shards"] != record["shards"]:
         raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
     return {"folder": folder, "key": key, "key_fingerprint": key.fingerprint, "shards_checked": check_shards(folder, metadata)}

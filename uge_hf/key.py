@@ -10,6 +10,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import secrets
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,7 +23,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
 from .models import create_model
-from .utils import tensors_fingerprint
+from .utils import atomic_write, private_dir, tensors_fingerprint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -30,13 +32,16 @@ WEIGHTS_NAME = "model.safetensors"
 class AuthorizedModel:
     """The authorized model ("key"): an architecture name and its initial weights θ0.
 
-    Only a model trained from exactly these weights learns from the protected data, so the
-    key is a secret: share it through a trusted channel and publish only its
-    :attr:`fingerprint`.
+    The protection is built so that a model trained from these weights learns from the
+    protected data while other architectures do not. It is *not* bound to the exact weights:
+    measured on CIFAR-10 (README, threat model), the key's architecture from another
+    initialization keeps 0.86 of its clean accuracy against the key's 0.88, so the
+    architecture is as secret as θ0. Share the key through a trusted channel and publish only
+    its :attr:`fingerprint` (what :func:`uge_hf.protect` records, by default).
 
     Example:
         >>> from uge_hf import AuthorizedModel
-        >>> key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+        >>> key = AuthorizedModel.create("convnet", num_classes=10)   # θ0 from the OS's random source
         >>> len(key.fingerprint)
         64
         >>> model = key.build()          # a fresh nn.Module holding θ0, ready to train
@@ -44,6 +49,7 @@ class AuthorizedModel:
 
     def __init__(self, architecture: str, state_dict: dict[str, torch.Tensor], num_classes: int, in_channels: int = 3,
                  seed: Optional[int] = None, source: Optional[dict] = None):
+        check_shape(num_classes, in_channels)
         self.architecture = architecture
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
@@ -55,8 +61,18 @@ class AuthorizedModel:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def create(cls, architecture: str = "convnet", num_classes: int = 10, seed: int = 0, in_channels: int = 3) -> "AuthorizedModel":
-        """A new key: ``architecture`` initialized from ``torch.manual_seed(seed)``."""
+    def create(cls, architecture: str = "convnet", num_classes: int = 10, seed: Optional[int] = None, in_channels: int = 3) -> "AuthorizedModel":
+        """A new key: ``architecture`` initialized from ``torch.manual_seed(seed)``.
+
+        ``seed=None`` (the default) draws a 63-bit seed from the OS's random source
+        (:mod:`secrets`), so nobody can rebuild θ0 by trying seeds. An explicit seed is for
+        tests and reproducible experiments: anyone who guesses it holds the key.
+
+        Raises:
+            ValueError: ``num_classes < 2`` or ``in_channels < 1``, or an unknown architecture.
+        """
+        check_shape(num_classes, in_channels)
+        seed = secrets.randbits(63) if seed is None else int(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = create_model(architecture, num_classes, in_channels)
@@ -73,7 +89,7 @@ class AuthorizedModel:
         module.load_state_dict(copy.deepcopy(self.state_dict))
         return module
 
-    def sibling(self, seed: int) -> "AuthorizedModel":
+    def sibling(self, seed: Optional[int] = None) -> "AuthorizedModel":
         """The same architecture from another seed: what a hacker who guessed it would hold."""
         return AuthorizedModel.create(self.architecture, self.num_classes, seed, self.in_channels)
 
@@ -102,11 +118,27 @@ class AuthorizedModel:
 
     # -- persistence ----------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``save_directory``."""
+        """Write ``model.safetensors`` and ``config.json`` into ``save_directory``, owner-only
+        (files 0600, folder 0700): the key is a secret.
+
+        Raises:
+            FileExistsError: the folder holds another key, or files that are not a key. A key
+                is never overwritten: every dataset protected for it would be lost with it.
+        """
         path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / WEIGHTS_NAME).write_bytes(self._weights_bytes())
-        (path / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        if path.is_dir() and any(path.iterdir()):
+            existing = sorted(p.name for p in path.iterdir())
+            if set(existing) - {CONFIG_NAME, WEIGHTS_NAME} or not (path / WEIGHTS_NAME).is_file():
+                raise FileExistsError(f"{path} holds files that are not a key ({', '.join(existing[:5])}); save the key into a new "
+                                      "or empty folder")
+            other = AuthorizedModel.from_pretrained(path)
+            if other.fingerprint != self.fingerprint:
+                raise FileExistsError(f"{path} already holds a key (fingerprint {other.fingerprint[:12]}…); a key is never "
+                                      "overwritten, since every dataset protected for it would be lost with it: choose another "
+                                      "folder, or move that key away yourself")
+        private_dir(path)
+        atomic_write(path / WEIGHTS_NAME, self._weights_bytes(), private=True)
+        atomic_write(path / CONFIG_NAME, (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode(), private=True)
         return path
 
     @classmethod
@@ -120,10 +152,20 @@ class AuthorizedModel:
                 raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; create a key with `uge-hf keygen --out {path}`")
         elif path.exists():
             raise ValueError(f"{path} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        elif not looks_like_repo_id(str(name_or_path)):
+            raise FileNotFoundError(f"no key folder {name_or_path}; create one with `uge-hf keygen --out {name_or_path}`")
         else:
             from huggingface_hub import HfApi, hf_hub_download
+            from huggingface_hub.errors import RepositoryNotFoundError
 
-            sha = HfApi(token=token).model_info(str(name_or_path), revision=revision).sha
+            try:
+                sha = HfApi(token=token).model_info(str(name_or_path), revision=revision).sha
+            except RepositoryNotFoundError:
+                raise FileNotFoundError(f"no key folder {name_or_path} here, and no Hub model repo {name_or_path!r} you can read "
+                                        "(check the name, and log in or pass token= for a private repo)") from None
+            except Exception as error:  # no network, a proxy, a timeout: the client's errors vary by transport
+                raise FileNotFoundError(f"no key folder {name_or_path} here, and the Hub could not be reached to look for a repo "
+                                        f"of that name ({type(error).__name__}); pass the key's folder") from None
             config_file = hf_hub_download(str(name_or_path), CONFIG_NAME, revision=sha, token=token)
             weights_file = hf_hub_download(str(name_or_path), WEIGHTS_NAME, revision=sha, token=token)
             source = {"repo_id": str(name_or_path), "revision": sha}
@@ -140,7 +182,12 @@ class AuthorizedModel:
         """Upload the key to a model repo, private by default; returns the commit URL.
 
         A public key gives the protection away: whoever holds θ0 learns from the data as
-        well as you do. Publishing one needs ``private=False, allow_public=True``.
+        well as you do. Publishing one needs ``private=False, allow_public=True``; pushing
+        into a repo that already exists as public is refused on the same terms.
+
+        Raises:
+            ValueError: ``private=False`` without ``allow_public=True``.
+            PermissionError: the repo exists, is public, and ``allow_public`` is off.
         """
         if not private and not allow_public:
             raise ValueError("refusing to publish a key publicly: anyone holding θ0 can learn from the protected data. "
@@ -151,6 +198,8 @@ class AuthorizedModel:
 
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if not allow_public:
+            refuse_public_repo(api, repo_id, "model", "push_to_hub(..., private=False, allow_public=True)")
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         ops = [CommitOperationAdd(WEIGHTS_NAME, self._weights_bytes()),
@@ -158,3 +207,27 @@ class AuthorizedModel:
         info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
         self.source = {"repo_id": repo_id, "revision": info.oid}
         return info.commit_url
+
+
+def check_shape(num_classes: int, in_channels: int) -> None:
+    """A key classifies at least two classes of images with at least one channel."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (a one-class model learns nothing to protect); got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer (3 for RGB, 1 for grayscale); got {in_channels!r}")
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """``name`` or ``owner/name`` in the Hub's characters, not a filesystem path."""
+    return not name.startswith((".", "/", "~")) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def refuse_public_repo(api, repo_id: str, repo_type: str, how: str) -> None:
+    """Refuse to push private material into a repo that already exists as public.
+
+    Raises:
+        PermissionError: saying how to publish on purpose.
+    """
+    if not api.repo_info(repo_id, repo_type=repo_type).private:
+        raise PermissionError(f"the {repo_type} repo {repo_id} exists and is public, so this push would be public, not private; "
+                              f"make the repo private first, push to another repo, or publish on purpose with {how}")

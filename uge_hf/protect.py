@@ -1,9 +1,11 @@
 """``protect``: a dataset in, a protected dataset folder out (a valid Hub dataset repo).
 
-The pipeline: resolve and validate every split before any work; build the shared state
-once (resumable, in ``state_dir``); cut each split into shards of whole batches; protect
-each shard on its own (shards are dealt out to Accelerate processes) and write it under a
-temporary name, renamed when complete; after a barrier, the main process writes
+The pipeline: resolve and validate every split before any work (columns, labels, and one
+pass that decodes every image, :mod:`uge_hf.data`); claim and lock the output and state
+folders (:mod:`uge_hf.folder`); build the shared state once (resumable, in ``state_dir``);
+cut each split into shards of whole batches; protect each shard on its own (shards are dealt
+out to Accelerate processes) and write it under a temporary name, renamed when complete;
+after a barrier, the main process checks that the data changed, then writes
 ``uge_hf.json`` and the dataset card. A rerun skips shards whose bytes match the recorded
 hash, so an interrupted run finishes with the same bytes as an uninterrupted one.
 """
@@ -18,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -28,14 +31,17 @@ import torch.nn as nn
 from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
 
 from . import __version__
+from .card import write_card
 from .config import ProtectConfig
-from .data import decode_image, find_columns, validate_labels
-from .fitting import atomic_write, check_feature_space
+from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, raw_images, reencode_png, survey_images,
+                   validate_labels, warn_mixed_sizes)
+from .fitting import check_feature_space
+from .folder import (DATA_FOLDERS, PUBLIC_FILES, claim_output, claim_state, lock_folder, load_output, read_fresh, shard_name,
+                     split_of, write_metadata, MANIFEST_NAME, STATE_MARKER)
 from .key import AuthorizedModel
-from .transform import UGETransform, encode_png
-from .utils import progress_bar, sha256_file
+from .transform import UGETransform
+from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
 
-METADATA_NAME = "uge_hf.json"
 DatasetLike = Union[Dataset, DatasetDict, IterableDataset, IterableDatasetDict, str, os.PathLike]
 
 
@@ -61,9 +67,11 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
     return out
 
 
-def run_id(key: AuthorizedModel, config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str) -> str:
-    """Identity of a run: what must match for a rerun to resume rather than be refused."""
-    parts = [key.fingerprint, config.to_json(), __version__, *columns, fit_split]
+def run_id(key: AuthorizedModel, config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str,
+           layout: dict) -> str:
+    """Identity of a run: what must match for a rerun to resume rather than be refused
+    (``layout``: shard size, output format, what happens to the other splits)."""
+    parts = [key.fingerprint, config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True)]
     parts += [f"{name}:{ds._fingerprint}:{len(ds)}" for name, ds in sorted(datasets.items())]
     return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
@@ -74,31 +82,24 @@ def shard_plan(num_rows: int, batch_size: int, shard_size: int) -> list[range]:
     return [range(a, min(a + per_shard, num_rows)) for a in range(0, num_rows, per_shard)]
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"data/{split}-{index:05d}-of-{count:05d}.parquet"
-
-
-def check_images(dataset: Dataset, image_column: str, verbose: bool) -> None:
-    """Decode every image once before any work, naming the first that fails."""
-    raw = dataset.select_columns([image_column]).cast_column(image_column, Image(decode=False))
-    for start in progress_bar(range(0, len(raw), 1000), desc="check images", verbose=verbose, leave=False):
-        for offset, item in enumerate(raw[start:start + 1000][image_column]):
-            decode_image(item, start + offset, image_column)
-
-
-def protect_shard(transform: UGETransform, dataset: Dataset, rows: range, path: Path, verbose: bool) -> str:
-    """Protect ``rows`` of ``dataset`` into a parquet file at ``path`` (atomic); returns its sha256."""
+def protect_shard(transform: UGETransform, dataset: Dataset, rows: range, path: Path, verbose: bool) -> dict:
+    """Protect ``rows`` of ``dataset`` into a parquet file at ``path`` (atomic). Returns its
+    sha256 and how many of its pixel values differ from the clean ones, out of how many."""
     image_column, label_column = transform.image_column, transform.label_column
+    feature = dataset.features[image_column]
     features = dataset.features.copy()
     features[image_column] = Image()
     part = dataset.select(rows).cast_column(image_column, Image(decode=False))
     batch_size = transform.batch_size
     columns: dict[str, list] = {name: [] for name in features}
+    changed = total = 0
     bar = progress_bar(total=len(rows), desc=path.name, unit="img", verbose=verbose, leave=False)
     for start in range(0, len(part), batch_size):
         batch = part[start:start + batch_size]
-        pixels = [transform.pixels(decode_image(item, rows[start + i], image_column)) for i, item in enumerate(batch[image_column])]
-        protected = transform.perturb(pixels, torch.as_tensor(batch[label_column]))
+        clean = [transform.pixels(decode_image(item, rows[start + i], image_column, feature)) for i, item in enumerate(batch[image_column])]
+        protected = transform.perturb(clean, torch.as_tensor(batch[label_column]))
+        changed += sum(int((p != c).sum()) for p, c in zip(protected, clean))
+        total += sum(c.numel() for c in clean)
         batch[image_column] = [{"bytes": encode_png(p.numpy()), "path": None} for p in protected]
         for name in features:
             columns[name].extend(batch[name])
@@ -106,10 +107,10 @@ def protect_shard(transform: UGETransform, dataset: Dataset, rows: range, path: 
     bar.close()
     table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(temporary_name(path.name))
     pq.write_table(table, tmp)
     os.replace(tmp, path)
-    return sha256_file(path)
+    return {"sha256": sha256_file(path), "changed": changed, "values": total}
 
 
 def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[ProtectConfig] = None, *, output_dir: Optional[str | os.PathLike] = None,
@@ -117,40 +118,57 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
             image_column: Optional[str] = None, label_column: Optional[str] = None, feature_backbone: Optional[nn.Module] = None,
             shard_size: int = 5000, output_format: str = "parquet", state_dir: Optional[str | os.PathLike] = None,
             overwrite: bool = False, card_template: Optional[str | os.PathLike] = None, efficacy: Optional[dict] = None,
-            source: Optional[dict] = None, verbose: bool = True) -> DatasetDict:
+            source: Optional[dict] = None, disclose_key_architecture: bool = False, verbose: bool = True) -> DatasetDict:
     """Protect ``dataset`` for ``key`` and write it to ``output_dir`` as a Hub dataset repo.
 
     Args:
         dataset: a ``Dataset``, ``DatasetDict``, ``IterableDataset`` (a Hub stream), a local
-            folder or a Hub id.
+            folder or a Hub id. Images in any mode ``datasets`` decodes to 8 or 16 bits per
+            channel, as ``datasets`` shows them (EXIF orientation applied).
         key: the authorized model.
         config: a :class:`ProtectConfig` (default: the benchmarked setting).
         output_dir: where ``data/{split}-{i:05d}-of-{n:05d}.parquet``, ``README.md`` and
-            ``uge_hf.json`` go; a temporary folder if ``None``.
+            ``uge_hf.json`` go: a new or empty folder, or one an earlier attempt of this very
+            run wrote (it resumes). ``None``: a temporary folder (and the state is deleted
+            after the run).
         splits: splits to protect (default: all). ``other_splits="copy"`` writes the rest
-            unchanged, ``"drop"`` leaves them out.
+            with the same pixels but re-encoded as PNG (no metadata, no paths), ``"drop"``
+            leaves them out.
         fit_split: the split the shared state is built on (default: "train" if protected,
             else the first protected split).
         shard_size: rows per shard, rounded down to whole batches.
         output_format: ``"parquet"`` (``load_dataset(output_dir)``) or ``"arrow"``
             (``save_to_disk`` layout, for ``load_from_disk``).
-        state_dir: where the shared state and progress live (default ``<output_dir>.uge-state``).
-            It holds the key's trajectory, θ0 included: keep it private, never publish it.
-        overwrite: replace an ``output_dir`` that holds a different run.
+        state_dir: where the shared state and progress live (default ``<output_dir>.uge-state``),
+            owner-only (0700). It holds the key's trajectory, θ0 included: never publish it.
+        overwrite: replace another uge-hf run's files in ``output_dir`` and ``state_dir``.
+            Only files uge-hf recorded as its own are ever deleted; a folder holding anything
+            else is refused even with ``overwrite``.
+        disclose_key_architecture: record the key's architecture and class count in the
+            public card and ``uge_hf.json``. Off by default: whoever knows the architecture
+            holds most of what the key gives (README, threat model).
 
     Returns:
         The protected ``DatasetDict``, read back from ``output_dir``.
+
+    Raises:
+        ValueError: bad input (columns, labels, an image that cannot work, naming its row),
+            found before any work; nothing is written.
+        FileExistsError: ``output_dir`` or ``state_dir`` holds files uge-hf did not write, or
+            another run without ``overwrite``.
+        uge_hf.folder.RunInProgressError: another uge-hf process holds one of the folders.
+        RuntimeError: the run left some split's pixels unchanged; nothing is published as
+            protected.
 
     Example:
         >>> from datasets import load_dataset
         >>> from uge_hf import AuthorizedModel, ProtectConfig, protect
         >>> ds = load_dataset("../shared/data/cifar10", split="train[:500]")  # doctest: +SKIP
-        >>> key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+        >>> key = AuthorizedModel.create("convnet", num_classes=10)
         >>> out = protect(ds, key, ProtectConfig.preset("fast"), output_dir="cifar10-uge")  # doctest: +SKIP
     """
     from accelerate import PartialState
-
-    from .card import write_card
+    from accelerate.utils import broadcast_object_list
 
     config = config or ProtectConfig()
     check_feature_space(config, feature_backbone)
@@ -158,155 +176,168 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         raise ValueError(f"output_format must be 'parquet' or 'arrow', not {output_format!r}")
     if other_splits not in ("copy", "drop"):
         raise ValueError(f"other_splits must be 'copy' or 'drop', not {other_splits!r}")
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive number of rows, not {shard_size!r}")
     data = resolve_dataset(dataset)
     splits = list(splits) if splits is not None else list(data)
     missing = [s for s in splits if s not in data]
     if missing:
-        raise ValueError(f"split(s) {missing} not found; the dataset has: {', '.join(data)}; pass splits=[...] from those")
+        raise ValueError(f"split(s) {missing} not found; the dataset has: {', '.join(data)}; choose splits from those")
     columns = None
-    for name in splits:  # every check before any work
+    for name in splits:  # the cheap checks, on every process alike
         found = find_columns(data[name], image_column, label_column)
         if columns is not None and found != columns:
-            raise ValueError(f"split {name!r} uses columns {found}, others {columns}; pass image_column= and label_column=")
+            raise ValueError(f"split {name!r} uses columns {found}, others {columns}; name the image and label columns")
         columns = found
         if len(data[name]) == 0:
-            raise ValueError(f"split {name!r} is empty: nothing to protect; drop it from splits=")
+            raise ValueError(f"split {name!r} is empty: nothing to protect; leave it out of the splits to protect")
         validate_labels(data[name], columns[1], key.num_classes)
     fit_split = fit_split or ("train" if "train" in splits else splits[0])
-    if fit_split not in data:
-        raise ValueError(f"fit_split {fit_split!r} not found; the dataset has: {', '.join(data)}")
-    rid = run_id(key, config, {s: data[s] for s in splits}, columns, fit_split)
-
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
-    state_path = Path(state_dir) if state_dir is not None else out.with_name(out.name + ".uge-state")
-    # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
-    accelerator = PartialState(cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process:
-        for name in splits:
-            check_images(data[name], columns[0], verbose)
-        claim_output(out, state_path, rid, overwrite)
-    accelerator.wait_for_everyone()
-
-    # Shared state: built once, by every process together (each optimization step is shared
-    # out, parallel.py), so each holds the same copy; resumable; the main process saves it.
-    final_state = state_path / "state"
-    if (final_state / "state.json").exists():
-        transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
-    else:
-        transform = UGETransform.fit(data[fit_split], key, config, image_column=columns[0], label_column=columns[1],
-                                     feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
-        if accelerator.is_main_process:
-            transform.save_pretrained(final_state)
-            atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,
-                                                                "phases_s": transform.state.timings}).encode())
-    accelerator.wait_for_everyone()
-
-    # Shards, dealt round-robin to processes; each is skipped if already complete.
+    if fit_split not in splits:
+        raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
+    copied = [s for s in data if s not in splits] if other_splits == "copy" else []
+    for name in copied:
+        find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])
+    layout = {"shard_size": shard_size, "output_format": output_format, "copied": copied}
+    rid = run_id(key, config, {s: data[s] for s in splits + copied}, columns, fit_split, layout)
     jobs = []
     for name in splits:
         plan = shard_plan(len(data[name]), config.batch_size, shard_size)
         jobs += [(name, i, len(plan), rows) for i, rows in enumerate(plan)]
-    progress_dir = state_path / "progress"
-    progress_dir.mkdir(parents=True, exist_ok=True)
-    mine = jobs[accelerator.process_index::accelerator.num_processes]
-    for name, i, count, rows in progress_bar(mine, desc="protect shards", unit="shard", verbose=verbose):
-        path = out / shard_name(name, i, count)
-        record = progress_dir / f"{name}-{i:05d}.json"
-        if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
-            continue
-        started = time.time()
-        sha = protect_shard(transform, data[name], rows, path, verbose)
-        atomic_write(record, json.dumps({"sha256": sha, "rows": [rows.start, rows.stop], "process": accelerator.process_index,
-                                         "started": started, "finished": time.time()}).encode())
-    accelerator.wait_for_everyone()
+    copy_counts = {name: max(1, math.ceil(len(data[name]) / shard_size)) for name in copied}
+    files = [*PUBLIC_FILES, *(shard_name(n, i, c) for n, i, c, _ in jobs),
+             *(shard_name(n, i, c) for n, c in copy_counts.items() for i in range(c))]
 
-    if accelerator.is_main_process:
-        shards = {shard_name(n, i, c): json.loads((progress_dir / f"{n}-{i:05d}.json").read_text())["sha256"] for n, i, c, _ in jobs}
-        copied = [s for s in data if s not in splits] if other_splits == "copy" else []
-        for name in copied:
-            count = max(1, math.ceil(len(data[name]) / shard_size))
-            unchanged = without_paths(data[name], columns[0])
-            for i in range(count):
-                path = out / shard_name(name, i, count)
-                unchanged.shard(count, i, contiguous=True).to_parquet(str(path))
-                shards[shard_name(name, i, count)] = sha256_file(path)
-        metadata = {
-            "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
-            "key": {"architecture": key.architecture, "num_classes": key.num_classes, "in_channels": key.in_channels,
-                    "fingerprint": key.fingerprint, "weights_sha256": key.weights_file_sha256, "source": key.source},
-            "config": config.to_dict(), "image_column": columns[0], "label_column": columns[1],
-            "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
-            "num_rows": {s: len(data[s]) for s in splits + copied}, "state_fingerprint": transform.state.fingerprint,
-            "generator_fingerprint": transform.state.generator_fingerprint, "shards": dict(sorted(shards.items())),
-            "source": source, "efficacy": efficacy, "output_format": output_format,
-        }
-        if output_format == "arrow":
-            arrow_dir = out / "arrow"
-            read_fresh(out).save_to_disk(str(arrow_dir))
-            shutil.rmtree(out / "data")
-            metadata["shards"] = {str(p.relative_to(out)): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
-        metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
-        write_metadata(out, metadata)
-        write_card(out, metadata, data[splits[0]].features, template=card_template)
-    accelerator.wait_for_everyone()
-    return load_output(out)
+    temporary_state = state_dir is None and output_dir is None
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
+    state_path = Path(state_dir) if state_dir is not None else (
+        Path(tempfile.mkdtemp(prefix="uge-hf-state-")) if temporary_state else out.with_name(out.name + ".uge-state"))
+    # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
+    accelerator = PartialState(cpu=not torch.cuda.is_available())
+    locks = ExitStack()
+    try:
+        # Everything that can refuse the run happens here, on the main process, before any
+        # work; the verdict goes to every process, so they all stop alike.
+        failure = None
+        if accelerator.is_main_process:
+            try:
+                surveys = {name: survey_images(data[name], columns[0], resize=config.resize, verbose=verbose) for name in splits}
+                for name, survey in surveys.items():
+                    check_color_mode(survey, key.in_channels, name)
+                    warn_mixed_sizes(survey, name, config.resize)
+                check_memory(surveys[fit_split], batch_size=config.batch_size, channels=key.in_channels,
+                             fit_rows=min(len(data[fit_split]), config.fit_sample or len(data[fit_split])),
+                             per_sample=config.mode == "per-sample" or config.refine_steps > 0, resize=config.resize,
+                             device=default_device())
+                for name in copied:  # copied splits are re-encoded at the end: they must decode too
+                    survey_images(data[name], columns[0], resize=(1, 1), verbose=verbose)
+                claim_folders(locks, out, state_path, rid, files, ["arrow"] if output_format == "arrow" else [], overwrite)
+            except (ValueError, OSError, RuntimeError) as error:
+                failure = error
+        failure = broadcast_object_list([failure])[0]
+        if failure is not None:
+            raise failure
+
+        # Shared state: built once, by every process together (each optimization step is shared
+        # out, parallel.py), so each holds the same copy; resumable; the main process saves it.
+        final_state = state_path / "state"
+        if (final_state / "state.json").exists():
+            transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
+        else:
+            transform = UGETransform.fit(data[fit_split], key, config, image_column=columns[0], label_column=columns[1],
+                                         feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
+            if accelerator.is_main_process:
+                transform.save_pretrained(final_state)
+                atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,
+                                                                    "phases_s": transform.state.timings}).encode(), private=True)
+        accelerator.wait_for_everyone()
+
+        # Shards, dealt round-robin to processes; each is skipped if already complete.
+        progress_dir = private_dir(state_path / "progress")
+        mine = jobs[accelerator.process_index::accelerator.num_processes]
+        for name, i, count, rows in progress_bar(mine, desc="protect shards", unit="shard", verbose=verbose):
+            path = out / shard_name(name, i, count)
+            record = progress_dir / f"{name}-{i:05d}.json"
+            if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
+                continue
+            started = time.time()
+            written = protect_shard(transform, data[name], rows, path, verbose)
+            atomic_write(record, json.dumps({**written, "rows": [rows.start, rows.stop], "process": accelerator.process_index,
+                                             "started": started, "finished": time.time()}).encode(), private=True)
+        accelerator.wait_for_everyone()
+
+        if accelerator.is_main_process:
+            records = {(n, i): json.loads((progress_dir / f"{n}-{i:05d}.json").read_text()) for n, i, _, _ in jobs}
+            perturbed = {s: sum(r["changed"] for (n, _), r in records.items() if n == s) /
+                         sum(r["values"] for (n, _), r in records.items() if n == s) for s in splits}
+            unchanged = [s for s, fraction in perturbed.items() if fraction == 0]
+            if unchanged:
+                raise RuntimeError(f"protecting split(s) {unchanged} left every pixel unchanged, so nothing would be protected; "
+                                   f"refusing to publish it as protected. Check the config ({config.to_json()})")
+            shards = {shard_name(n, i, c): records[(n, i)]["sha256"] for n, i, c, _ in jobs}
+            for name, count in copy_counts.items():
+                reencoded = clean_copy(data[name], columns[0])
+                for i in range(count):
+                    path = out / shard_name(name, i, count)
+                    tmp = path.with_name(temporary_name(path.name))
+                    reencoded.shard(count, i, contiguous=True).to_parquet(str(tmp))
+                    os.replace(tmp, path)
+                    shards[shard_name(name, i, count)] = sha256_file(path)
+            key_record = {"fingerprint": key.fingerprint, "weights_sha256": key.weights_file_sha256}
+            if disclose_key_architecture:
+                key_record.update(architecture=key.architecture, num_classes=key.num_classes, in_channels=key.in_channels)
+            metadata = {
+                "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
+                "key": key_record, "config": config.to_dict(), "image_column": columns[0], "label_column": columns[1],
+                "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
+                "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
+                "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
+                "shards": dict(sorted(shards.items())), "source": source, "efficacy": efficacy, "output_format": output_format,
+            }
+            if output_format == "arrow":
+                arrow_dir = out / "arrow"
+                read_fresh(out).save_to_disk(str(arrow_dir))
+                shutil.rmtree(out / "data")
+                metadata["shards"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
+            metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
+            write_metadata(out, metadata)
+            write_card(out, metadata, data[splits[0]].features, template=card_template)
+        accelerator.wait_for_everyone()
+        return load_output(out)
+    finally:
+        locks.close()
+        if temporary_state and accelerator.is_main_process:
+            shutil.rmtree(state_path, ignore_errors=True)  # θ0 must not outlive a run nobody can resume
 
 
-def without_paths(dataset: Dataset, image_column: str) -> Dataset:
-    """The same images as bytes only: an ``Image`` path may name a file on the protector's disk."""
-    def inline(batch):
-        items = batch[image_column]
-        return {image_column: [{"bytes": it["bytes"] if it["bytes"] is not None else Path(it["path"]).read_bytes(), "path": None}
-                               for it in items]}
+def claim_folders(locks: ExitStack, out: Path, state_path: Path, rid: str, files: list[str], dirs: list[str], overwrite: bool) -> None:
+    """Create, lock and claim the output and state folders (:mod:`uge_hf.folder`); a refusal
+    leaves no folder behind that was not there before."""
+    created = [p for p in (out, state_path) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock_folder(locks, out, MANIFEST_NAME)
+        state_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock_folder(locks, state_path, STATE_MARKER)
+        takes = [claim_output(out, rid, files, dirs, overwrite), claim_state(state_path, rid, overwrite)]
+    except BaseException:
+        locks.close()
+        for path in created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
+    for take in takes:  # every check passed: only now does anything change on disk
+        take()
+
+
+def clean_copy(dataset: Dataset, image_column: str) -> Dataset:
+    """A split copied unprotected: the pixels ``datasets`` shows, re-encoded as PNG with no
+    metadata (EXIF, text chunks) and no path, since an ``Image`` path may name a file on the
+    protector's disk and the original file's metadata may name its author."""
+    feature = dataset.features[image_column]
+
+    def reencode(batch, indices):
+        return {image_column: [reencode_png(item, row, image_column, feature) for item, row in zip(batch[image_column], indices)]}
 
     raw = dataset.cast_column(image_column, Image(decode=False))
-    return raw.map(inline, batched=True, desc="copy split").cast_column(image_column, Image())
-
-
-def write_metadata(out: Path, metadata: dict) -> None:
-    """Write ``uge_hf.json`` (atomically, keys sorted, so equal runs give equal bytes)."""
-    atomic_write(out / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
-
-
-def folder_features(out: Path):
-    """The ``datasets`` features of a protected folder's splits."""
-    return next(iter(load_output(out).values())).features
-
-
-def split_of(path: str) -> str:
-    """The split a data file belongs to: ``data/{split}-i-of-n.parquet`` or ``arrow/{split}/…``."""
-    parts = Path(path).parts
-    return parts[1] if parts[0] == "arrow" else re.sub(r"-\d{5}-of-\d{5}\.parquet$", "", parts[-1])
-
-
-def claim_output(out: Path, state_path: Path, rid: str, overwrite: bool) -> None:
-    """Make ``out`` ours: empty, or a (possibly unfinished) earlier attempt of this very run."""
-    marker = state_path / "run.json"
-    holds_other = (out.exists() and any(out.iterdir()) and not (marker.exists() and json.loads(marker.read_text())["run_id"] == rid))
-    if holds_other:
-        if not overwrite:
-            raise FileExistsError(f"{out} holds another run (different data, key or config); pass overwrite=True "
-                                  f"(--overwrite) to replace it, or choose another output_dir")
-        shutil.rmtree(out)
-        shutil.rmtree(state_path, ignore_errors=True)
-    if marker.exists() and json.loads(marker.read_text())["run_id"] != rid:
-        shutil.rmtree(state_path)
-    state_path.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(marker, json.dumps({"run_id": rid}).encode())
-
-
-def load_output(out: Path) -> DatasetDict:
-    """Read a protected folder back, whichever layout it was written in."""
-    metadata = json.loads((out / METADATA_NAME).read_text())
-    if metadata.get("output_format") == "arrow":
-        from datasets import load_from_disk
-
-        return load_from_disk(str(out / "arrow"))
-    return read_fresh(out)
-
-
-def read_fresh(folder: Path) -> DatasetDict:
-    """``load_dataset(folder)``, rebuilding its Arrow cache: ``datasets`` may key the cache of
-    two folders of the same name and layout alike, and would then serve stale rows."""
-    return load_dataset(str(folder), download_mode="force_redownload")
+    return raw.map(reencode, batched=True, with_indices=True, desc="copy split").cast_column(image_column, Image())

@@ -1,8 +1,8 @@
 """The applied transform: δ for a batch of images, and :class:`UGETransform`, the picklable,
 fingerprinted callable that ``datasets.Dataset.map`` runs.
 
-Per-sample mode searches δ by projected signed-gradient steps on the objective of
-``losses.py``; generator mode runs the fitted generator once (optionally refined by a few
+Per-sample mode searches δ by projected signed-gradient steps on the objective
+(:mod:`uge_hf.objective`); generator mode runs the fitted generator once (optionally refined by a few
 per-sample steps). Every random choice of a batch (trajectory checkpoint, augmentation) is
 seeded by the run's seed and the batch's *content*, so a batch gives the same bytes in any
 process, on any number of processes, in any order.
@@ -11,27 +11,24 @@ process, on any number of processes, in any order.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn as nn
 
 from . import __version__
 from .config import ProtectConfig
-from .fitting import CentroidHead, Checkpoints, Generator, SharedState, atomic_write
+from .data import encode_png, find_columns, load_tensors, to_pixels, validate_labels
+from .fitting import Generator, build_shared_state
 from .key import AuthorizedModel
-from .losses import gradient_matching_loss, matched_parameters, misalignment_loss, undistillation_loss
-from .models import create_model
-from .parallel import Ranks, data_parallel_gradients
-from .training import random_crop_flip, to_float
-from .utils import default_device, progress_bar, seeded_generator, tensors_fingerprint
+from .objective import Objective, frozen, signed_gradient_search
+from .state import SharedState
+from .training import to_float
+from .utils import atomic_write, default_device, private_dir, seeded_generator
 
 
 _IMPORT_PID = os.getpid()
@@ -46,161 +43,12 @@ def fork_safe_threads() -> None:
         torch.set_num_threads(1)
 
 
-class Objective:
-    """The UGE objective bound to a shared state on one device: ``objective(x, x_u, y, gen)``."""
-
-    def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
-        self.config, self.num_classes = state.config, state.num_classes
-        device = device or default_device()
-        on_device = lambda w: {k: v.to(device) for k, v in w.items()}
-        self.key_net = frozen(create_model(state.architecture, state.num_classes, state.in_channels).to(device).train())
-        self.names = matched_parameters(self.key_net)
-        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
-        self.trajectory = [on_device(w) for w in state.trajectory[:-1]] or [on_device(state.trajectory[0])]
-        self.final = on_device(state.trajectory[-1])
-        self.others = [[on_device(w) for w in traj[:-1]] for traj in state.other_trajectories]
-        self.heads: list[nn.Module] = []
-        for arch, weights in state.surrogates:
-            head = create_model(arch, state.num_classes, state.in_channels)
-            head.load_state_dict(weights)
-            self.heads.append(frozen(head.to(device).eval()))
-        if state.centroids is not None:
-            if feature_backbone is None:
-                raise ValueError("this state was built with a feature backbone; pass the same feature_backbone to load it")
-            if tensors_fingerprint(feature_backbone.state_dict()) != state.backbone_fingerprint:
-                raise ValueError("feature_backbone's weights differ from the backbone the state was built with")
-            self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
-        # Terms other than gradient matching: without any, every step must match.
-        self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud)
-
-    def __call__(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, gen: torch.Generator, match: bool = True) -> torch.Tensor:
-        """The loss to minimize; ``match=False`` skips the (costly) gradient-matching term."""
-        cfg = self.config
-        # One crop and flip for both x and x_u (matched gradients must see the same view),
-        # so the perturbation is also fitted to survive the hacker's augmentation.
-        state = gen.get_state()
-        x_u = random_crop_flip(x_u, gen)
-        x = random_crop_flip(x, torch.Generator().set_state(state))
-        loss = x_u.new_zeros(())
-        if cfg.lambda_gm and match:
-            t = int(torch.randint(len(self.trajectory), (1,), generator=gen))
-            loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_net, self.trajectory[t], x, x_u, y, self.names)
-        if cfg.lambda_fd and self.heads:
-            loss = loss + cfg.lambda_fd * misalignment_loss(self.heads, x_u, y, self.num_classes)
-        if cfg.lambda_ud:
-            loss = loss + cfg.lambda_ud * undistillation_loss(self.key_net, self.final, x_u, y)
-        if cfg.lambda_bind and self.others:
-            traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
-            t = int(torch.randint(len(traj), (1,), generator=gen))
-            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_net, traj[t], x, x_u, y, self.names)
-        return loss
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                           steps: int, start: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
-
-    The step decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps
-    find the misaligned direction, small ones settle the gradient match.
-    """
-    cfg = objective.config
-    eps = cfg.epsilon
-    lo, hi = (-x).clamp(min=-eps), (1 - x).clamp(max=eps)
-    delta = torch.zeros_like(x) if start is None else (start - x).clamp(lo, hi)
-    first = cfg.step_size or eps / 2
-    for k in range(steps):
-        delta.requires_grad_(True)
-        match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
-        grad, = torch.autograd.grad(objective(x, x + delta, y, gen, match=match), delta)
-        alpha = first * (1 - 0.9 * k / max(1, steps - 1))
-        delta = torch.max(torch.min(delta.detach() - alpha * grad.sign(), hi), lo)
-    return x + delta.detach()
-
-
 def quantize(x_u: torch.Tensor, clean: torch.Tensor, epsilon: float) -> torch.Tensor:
     """Round to ``uint8`` and keep every pixel within ε of the clean one *after* rounding."""
     budget = math.floor(epsilon * 255 + 1e-6)
     rounded = (x_u * 255).round().cpu().to(torch.int16)
     clean = clean.to(torch.int16)
     return torch.max(torch.min(rounded, clean + budget), clean - budget).clamp(0, 255).to(torch.uint8)
-
-
-def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor, *, feature_backbone: Optional[nn.Module] = None,
-                  cache_dir: Optional[Path] = None, verbose: bool = True, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
-    """Fit the generator on a seeded sample of ``config.generator_sample`` images with the
-    same objective the per-sample search minimizes; returns its weights.
-
-    Data-parallel over ``ranks`` like the rest of the build, checkpointed after every epoch
-    into ``cache_dir`` and resumed from there."""
-    checkpoints = Checkpoints(cache_dir, "generator", ranks)
-    if (weights := checkpoints.finished()) is not None:
-        return weights
-    cfg, device = state.config, default_device()
-    sample = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator-sample"))[:cfg.generator_sample]
-    images, labels = images[sample], labels[sample]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:])).to(device)
-    objective = Objective(state, feature_backbone, device)
-    optimizer = torch.optim.Adam([{"params": generator.net.parameters(), "lr": 1e-3}, {"params": [generator.codes], "lr": 2e-2}])
-    start = 0
-    if (ckpt := checkpoints.last_epoch()) is not None:
-        start = ckpt["epoch"] + 1
-        generator.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    batch = min(cfg.batch_size, len(labels))
-    steps_per_epoch = math.ceil(len(labels) / batch)
-    bar = progress_bar(total=cfg.generator_epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="generator", verbose=verbose)
-    for epoch in range(start, cfg.generator_epochs):
-        order = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator", epoch))
-        for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            pieces = idx.tensor_split(cfg.micro_batches)
-
-            def micro_loss(k: int) -> Optional[torch.Tensor]:
-                if len(pieces[k]) == 0:
-                    return None
-                x, y = to_float(images[pieces[k]], device), labels[pieces[k]].to(device)
-                gen = seeded_generator(cfg.seed, "generator", epoch, i, k)
-                return objective(x, generator(x, y, cfg.epsilon), y, gen) * (len(pieces[k]) / len(idx))
-
-            loss = data_parallel_gradients(generator, micro_loss, cfg.micro_batches, ranks)
-            optimizer.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-        checkpoints.save_epoch({"epoch": epoch, "model": generator.state_dict(), "optimizer": optimizer.state_dict()})
-    bar.close()
-    weights = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    checkpoints.finish(weights)
-    return weights
-
-
-def to_pixels(image: Any, channels: int, size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """A decoded ``datasets`` image (PIL, or a dict with bytes) as ``uint8`` ``(C, H, W)``
-    in the key's color mode: RGB for 3 channels (alpha dropped, palettes expanded), L for 1;
-    resized (bicubic) to ``size = (width, height)`` if given."""
-    if isinstance(image, dict):
-        image = PIL.Image.open(io.BytesIO(image["bytes"]))
-    image = image.convert("RGB" if channels == 3 else "L")
-    if size is not None and image.size != tuple(size):
-        image = image.resize(tuple(size), PIL.Image.BICUBIC)
-    array = np.array(image, dtype=np.uint8)
-    return array.reshape(*array.shape[:2], -1).transpose(2, 0, 1)
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Lossless, deterministic PNG bytes of ``uint8`` ``(C, H, W)`` pixels."""
-    hwc = pixels.transpose(1, 2, 0)
-    image = PIL.Image.fromarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
 
 
 class UGETransform:
@@ -239,9 +87,6 @@ class UGETransform:
 
         Under ``accelerate launch`` every process calls it alike and shares the work; each gets
         the same state, byte for byte (see :mod:`uge_hf.parallel`)."""
-        from .data import find_columns, load_tensors, validate_labels
-        from .fitting import build_shared_state
-
         config = config or ProtectConfig()
         image_column, label_column = find_columns(dataset, image_column, label_column)
         validate_labels(dataset, label_column, key.num_classes)
@@ -251,10 +96,11 @@ class UGETransform:
         return cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Save the shared state and column names; reload with :meth:`from_pretrained`."""
+        """Save the shared state and column names, owner-only (θ0 is inside); reload with
+        :meth:`from_pretrained`."""
         self.state.save_pretrained(directory)
-        atomic_write(Path(directory) / "transform.json", json.dumps(
-            {"image_column": self.image_column, "label_column": self.label_column}, sort_keys=True).encode())
+        atomic_write(private_dir(directory) / "transform.json", json.dumps(
+            {"image_column": self.image_column, "label_column": self.label_column}, sort_keys=True).encode(), private=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, feature_backbone: Optional[nn.Module] = None, verbose: bool = False) -> "UGETransform":

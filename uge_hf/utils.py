@@ -1,9 +1,10 @@
-"""Small helpers shared by every module: devices, seeding, progress bars, hashing."""
+"""Small helpers shared by every module: devices, seeding, progress bars, hashing, safe writes."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -61,3 +62,41 @@ def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(t.shape)).encode() + b"\0")
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, private: bool = False) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file.
+
+    ``private=True`` creates the file 0600 from the start (it holds a secret: θ0 or what
+    derives from it), whatever the process's umask; otherwise the umask applies, as for
+    any file the user publishes.
+    """
+    path = Path(path)
+    tmp = path.with_name(temporary_name(path.name))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def temporary_name(name: str) -> str:
+    """The name a file is written under before it is renamed into place: hidden and tagged
+    with the writer's pid, so a leftover of a killed run is recognizable as ours."""
+    return f".{name}.tmp-{os.getpid()}"
+
+
+def is_temporary_of(candidate: str, name: str) -> bool:
+    """Whether ``candidate`` is a leftover temporary file of ``name`` (see :func:`temporary_name`)."""
+    prefix = f".{name}.tmp-"
+    return candidate.startswith(prefix) and candidate[len(prefix):].isdigit()
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and its missing parents) readable by its owner only: 0700.
+
+    For folders that hold secrets: the key, and the shared state with θ0 inside.
+    """
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path

@@ -1,0 +1,252 @@
+"""The protected folder and the private state folder: their layout, who owns which file, and
+the lock a run holds on them.
+
+uge-hf deletes only what it recorded as its own. A protected folder carries a manifest
+(``.uge_hf_manifest.json``: the run, the files and folders it writes, the writer's pid); a
+state folder carries ``run.json`` and holds nothing but uge-hf's own entries. A folder with
+anything else in it is refused, with ``overwrite`` or without, and its contents named. A run
+holds an exclusive lock (``flock``) on both folders from its claim to its end, so a second
+run on the same folders is refused with the holder's pid instead of racing it.
+
+Names read from a folder's metadata (which may have been downloaded) are checked to stay
+inside ``data/`` or ``arrow/`` before any file is opened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+from contextlib import ExitStack
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Optional
+
+from datasets import DatasetDict, load_dataset
+
+from .utils import atomic_write, is_temporary_of, private_dir
+
+METADATA_NAME = "uge_hf.json"
+CARD_NAME = "README.md"
+FIGURE_NAME = "efficacy.png"
+MANIFEST_NAME = ".uge_hf_manifest.json"
+DATA_FOLDERS = ("data", "arrow")
+# A file of a protected folder, besides the data files its metadata lists.
+PUBLIC_FILES = (CARD_NAME, METADATA_NAME, FIGURE_NAME)
+STATE_MARKER = "run.json"
+STATE_ENTRIES = (STATE_MARKER, "build.json", "state", "cache", "progress")
+
+
+class RunInProgressError(RuntimeError):
+    """Another uge-hf process holds the folder's lock."""
+
+
+# -- layout -------------------------------------------------------------------------------
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"data/{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def split_of(path: str) -> str:
+    """The split a data file belongs to: ``data/{split}-i-of-n.parquet`` or ``arrow/{split}/…``."""
+    parts = PurePosixPath(path).parts
+    return parts[1] if parts[0] == "arrow" else re.sub(r"-\d{5}-of-\d{5}\.parquet$", "", parts[-1])
+
+
+def check_data_file_name(name: str) -> str:
+    """Refuse a data-file name that could point outside the folder's ``data/`` or ``arrow/``
+    (an absolute path, ``..``, a device file): metadata may come from a download.
+
+    Raises:
+        ValueError: naming the entry.
+    """
+    path = PurePosixPath(name)
+    if ("\\" in name or path.is_absolute() or len(path.parts) < 2 or path.parts[0] not in DATA_FOLDERS
+            or any(part in ("", ".", "..") for part in path.parts) or str(path) != name):
+        raise ValueError(f"the metadata lists a data file {name!r} outside data/ or arrow/; refusing to open it: "
+                         "the folder's uge_hf.json was tampered with")
+    return name
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    """``uge_hf.json`` of a protected folder, its data-file names checked (:func:`check_data_file_name`).
+
+    Raises:
+        FileNotFoundError: the folder was not written by :func:`uge_hf.protect`.
+    """
+    path = Path(folder) / METADATA_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {METADATA_NAME}: not a folder written by uge_hf.protect")
+    metadata = json.loads(path.read_text())
+    for name in metadata.get("shards", {}):
+        check_data_file_name(name)
+    return metadata
+
+
+def write_metadata(folder: Path, metadata: dict) -> None:
+    """Write ``uge_hf.json`` (atomically, keys sorted, so equal runs give equal bytes)."""
+    atomic_write(folder / METADATA_NAME, (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_output(folder: str | os.PathLike) -> DatasetDict:
+    """Read a protected folder back, whichever layout it was written in."""
+    folder = Path(folder)
+    if read_metadata(folder).get("output_format") == "arrow":
+        from datasets import load_from_disk
+
+        return load_from_disk(str(folder / "arrow"))
+    return read_fresh(folder)
+
+
+def read_fresh(folder: Path) -> DatasetDict:
+    """``load_dataset(folder)``, rebuilding its Arrow cache: ``datasets`` may key the cache of
+    two folders of the same name and layout alike, and would then serve stale rows."""
+    return load_dataset(str(folder), download_mode="force_redownload")
+
+
+def folder_features(folder: Path):
+    """The ``datasets`` features of a protected folder's splits."""
+    return next(iter(load_output(folder).values())).features
+
+
+def unlisted_files(folder: Path, metadata: dict) -> list[str]:
+    """Files of a published protected folder that its metadata does not account for: a data
+    file slipped in beside the protected shards is loaded by ``load_dataset`` all the same."""
+    allowed = set(metadata["shards"]) | set(PUBLIC_FILES) | {MANIFEST_NAME, ".gitattributes"}
+    return sorted(rel for rel in _walk(folder) if rel not in allowed and not rel.startswith(".cache/"))
+
+
+def _walk(folder: Path) -> list[str]:
+    return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+# -- ownership ----------------------------------------------------------------------------
+
+def _owned(out: Path) -> Optional[dict]:
+    """What uge-hf recorded as its own in ``out``: ``{"run_id", "files", "dirs"}``, or None."""
+    manifest = out / MANIFEST_NAME
+    if manifest.is_file():
+        return json.loads(manifest.read_text())
+    if (out / METADATA_NAME).is_file():  # written by uge-hf 0.1.0, before manifests: its metadata lists its files
+        metadata = read_metadata(out)
+        return {"run_id": metadata.get("run_id"), "files": [CARD_NAME, METADATA_NAME, *metadata["shards"]], "dirs": []}
+    return None
+
+
+def _is_ours(rel: str, files: set[str], dirs: Iterable[str]) -> bool:
+    if rel in files or rel == MANIFEST_NAME or any(rel.startswith(d + "/") for d in dirs):
+        return True
+    path = PurePosixPath(rel)
+    return any(is_temporary_of(path.name, PurePosixPath(f).name) and PurePosixPath(f).parent == path.parent
+               for f in files | {MANIFEST_NAME})
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], overwrite: bool) -> Callable[[], None]:
+    """Check that ``out`` can be this run's: empty, or holding only files uge-hf recorded. A
+    finished or interrupted attempt of the same run is kept (to resume); another run's files
+    are replaced with ``overwrite`` (only those), refused without it.
+
+    Returns the step that takes the folder, to run once every check of the run passed: it
+    deletes another run's files (with ``overwrite``) or leftover temporary files of a killed
+    writer, then records ``files`` and ``dirs`` in the manifest.
+
+    Raises:
+        FileExistsError: ``out`` holds files uge-hf did not write (named), or another run
+            and ``overwrite`` is off.
+    """
+    record = _owned(out)
+    present = _walk(out)
+    owned_files, owned_dirs = set(record["files"]) if record else set(), record.get("dirs", []) if record else []
+    foreign = sorted(rel for rel in present if not _is_ours(rel, owned_files, owned_dirs))
+    if foreign:
+        raise FileExistsError(f"{out} holds files uge-hf did not write ({_listing(foreign)}); uge-hf never deletes or writes "
+                              "beside files it does not own, even with overwrite: choose a new or empty output_dir")
+    replace = record is not None and record["run_id"] != run_id
+    if replace and not overwrite:
+        raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "
+                              "(--overwrite) to replace its files (only those uge-hf recorded there are deleted), "
+                              "or choose another output_dir")
+    # Same run: only a killed writer's temporary files go (nobody else writes here under the lock).
+    doomed = present if replace else [rel for rel in present if rel not in owned_files and rel != MANIFEST_NAME
+                                      and not any(rel.startswith(d + "/") for d in owned_dirs)]
+
+    def take() -> None:
+        for rel in doomed:
+            (out / rel).unlink()
+        for rel in doomed:
+            _remove_empty_dirs((out / rel).parent, out)
+        atomic_write(out / MANIFEST_NAME, json.dumps({"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs),
+                                                      "pid": os.getpid()}, indent=2, sort_keys=True).encode())
+
+    return take
+
+
+def record_files(out: Path, names: Iterable[str]) -> None:
+    """Add files this run wrote to ``out``'s manifest (the card's figure, say)."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).is_file() else _owned(out)
+    manifest["files"] = sorted(set(manifest["files"]) | set(names))
+    atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def _remove_empty_dirs(folder: Path, top: Path) -> None:
+    while folder != top and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def claim_state(state: Path, run_id: str, overwrite: bool) -> Callable[[], None]:
+    """Check that ``state`` can be this run's: new or empty, or holding only uge-hf's own
+    entries. Another run's state is replaced with ``overwrite``, refused without it.
+
+    Returns the step that takes the folder (owner-only, 0700), to run once every check passed.
+
+    Raises:
+        FileExistsError: ``state`` holds anything else (named), or another run's state and
+            ``overwrite`` is off.
+    """
+    entries = sorted(p.name for p in state.iterdir()) if state.is_dir() else []
+    marker = state / STATE_MARKER
+    foreign = [e for e in entries if e not in STATE_ENTRIES and not any(is_temporary_of(e, n) for n in STATE_ENTRIES)]
+    if entries and (foreign or not marker.is_file()):
+        raise FileExistsError(f"state_dir {state} holds files uge-hf did not write ({_listing(foreign or entries)}); "
+                              "pass a new or empty state_dir (it will hold θ0: keep it private)")
+    replace = marker.is_file() and json.loads(marker.read_text())["run_id"] != run_id
+    if replace and not overwrite:
+        raise FileExistsError(f"state_dir {state} holds the state of another uge-hf run; pass overwrite=True (--overwrite) "
+                              "to replace it, or choose another state_dir")
+
+    def take() -> None:
+        for name in entries if replace else []:
+            path = state / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        private_dir(state)
+        atomic_write(marker, json.dumps({"run_id": run_id, "pid": os.getpid()}).encode(), private=True)
+
+    return take
+
+
+# -- locking ------------------------------------------------------------------------------
+
+def lock_folder(stack: ExitStack, folder: Path, holder_file: str) -> None:
+    """Hold an exclusive ``flock`` on ``folder`` until ``stack`` closes (or the process dies).
+
+    Raises:
+        RunInProgressError: naming the pid recorded in ``folder / holder_file``.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            pid = json.loads((folder / holder_file).read_text()).get("pid", "unknown")
+        except (OSError, ValueError):
+            pid = "unknown"
+        raise RunInProgressError(f"another uge-hf run (pid {pid}) is writing to {folder}; wait for it to finish, "
+                                 "or choose another folder") from None
+    stack.callback(os.close, fd)

@@ -1,0 +1,116 @@
+"""The UGE objective bound to a shared state, and the projected signed-gradient search on δ
+that minimizes it (DESIGN.md 3).
+
+:class:`Objective` combines the terms of :mod:`uge_hf.losses` at the shared state's
+trajectory checkpoints and feature-space heads; :func:`signed_gradient_search` is the
+per-sample search (PGD with signed steps, as in Madry et al. 2018, minimizing instead of
+maximizing). The generator is fitted with the same objective (:mod:`uge_hf.fitting`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .losses import gradient_matching_loss, matched_parameters, misalignment_loss, undistillation_loss
+from .models import create_model
+from .state import SharedState
+from .training import random_crop_flip
+from .utils import default_device, tensors_fingerprint
+
+
+class CentroidHead(nn.Module):
+    """A frozen feature backbone turned into a classifier of the common feature space:
+    scores are cosine similarities to each class's mean clean feature, over a temperature.
+
+    Use it to plug any vision backbone (a ``transformers`` CLIP vision tower loaded from a
+    local path, say) into ``L_fd`` through ``protect(..., feature_backbone=...)``.
+    """
+
+    def __init__(self, backbone: nn.Module, centroids: torch.Tensor, temperature: float = 0.05):
+        super().__init__()
+        self.backbone, self.temperature = backbone, temperature
+        self.register_buffer("centroids", F.normalize(centroids, dim=1))
+
+    def forward(self, x):
+        return F.normalize(self.backbone(x).flatten(1), dim=1) @ self.centroids.T / self.temperature
+
+
+class Objective:
+    """The UGE objective bound to a shared state on one device: ``objective(x, x_u, y, gen)``."""
+
+    def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
+        self.config, self.num_classes = state.config, state.num_classes
+        device = device or default_device()
+        on_device = lambda w: {k: v.to(device) for k, v in w.items()}
+        self.key_net = frozen(create_model(state.architecture, state.num_classes, state.in_channels).to(device).train())
+        self.names = matched_parameters(self.key_net)
+        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
+        self.trajectory = [on_device(w) for w in state.trajectory[:-1]] or [on_device(state.trajectory[0])]
+        self.final = on_device(state.trajectory[-1])
+        self.others = [[on_device(w) for w in traj[:-1]] for traj in state.other_trajectories]
+        self.heads: list[nn.Module] = []
+        for arch, weights in state.surrogates:
+            head = create_model(arch, state.num_classes, state.in_channels)
+            head.load_state_dict(weights)
+            self.heads.append(frozen(head.to(device).eval()))
+        if state.centroids is not None:
+            if feature_backbone is None:
+                raise ValueError("this state was built with a feature backbone; pass the same feature_backbone to load it")
+            if tensors_fingerprint(feature_backbone.state_dict()) != state.backbone_fingerprint:
+                raise ValueError("feature_backbone's weights differ from the backbone the state was built with")
+            self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
+        # Terms other than gradient matching: without any, every step must match.
+        self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud)
+
+    def __call__(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, gen: torch.Generator, match: bool = True) -> torch.Tensor:
+        """The loss to minimize; ``match=False`` skips the (costly) gradient-matching term."""
+        cfg = self.config
+        # One crop and flip for both x and x_u (matched gradients must see the same view),
+        # so the perturbation is also fitted to survive the hacker's augmentation.
+        state = gen.get_state()
+        x_u = random_crop_flip(x_u, gen)
+        x = random_crop_flip(x, torch.Generator().set_state(state))
+        loss = x_u.new_zeros(())
+        if cfg.lambda_gm and match:
+            t = int(torch.randint(len(self.trajectory), (1,), generator=gen))
+            loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_net, self.trajectory[t], x, x_u, y, self.names)
+        if cfg.lambda_fd and self.heads:
+            loss = loss + cfg.lambda_fd * misalignment_loss(self.heads, x_u, y, self.num_classes)
+        if cfg.lambda_ud:
+            loss = loss + cfg.lambda_ud * undistillation_loss(self.key_net, self.final, x_u, y)
+        if cfg.lambda_bind and self.others:
+            traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
+            t = int(torch.randint(len(traj), (1,), generator=gen))
+            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_net, traj[t], x, x_u, y, self.names)
+        return loss
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                           steps: int, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
+
+    The step decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps
+    find the misaligned direction, small ones settle the gradient match.
+    """
+    cfg = objective.config
+    eps = cfg.epsilon
+    lo, hi = (-x).clamp(min=-eps), (1 - x).clamp(max=eps)
+    delta = torch.zeros_like(x) if start is None else (start - x).clamp(lo, hi)
+    first = cfg.step_size or eps / 2
+    for k in range(steps):
+        delta.requires_grad_(True)
+        match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
+        grad, = torch.autograd.grad(objective(x, x + delta, y, gen, match=match), delta)
+        alpha = first * (1 - 0.9 * k / max(1, steps - 1))
+        delta = torch.max(torch.min(delta.detach() - alpha * grad.sign(), hi), lo)
+    return x + delta.detach()

@@ -1,0 +1,111 @@
+"""The shared state of a run: the key's trajectory, the common feature space (surrogates, or
+a backbone's class centroids), trajectories of other seeds, and the generator's weights.
+
+Built once by :mod:`uge_hf.fitting`, used by :mod:`uge_hf.objective` and
+:mod:`uge_hf.transform`. It holds θ0 (the trajectory starts there): it is saved 0600, and
+never published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from . import __version__
+from .config import ProtectConfig
+from .utils import atomic_write, private_dir, tensors_fingerprint
+
+STATE_WEIGHTS = "state.safetensors"
+STATE_CONFIG = "state.json"
+
+
+@dataclass
+class SharedState:
+    """Everything the transform needs besides the images: built by :func:`build_shared_state`,
+    saved by :meth:`save_pretrained`, identified by :attr:`fingerprint`."""
+
+    architecture: str
+    num_classes: int
+    in_channels: int
+    key_fingerprint: str
+    config: ProtectConfig
+    trajectory: list[dict[str, torch.Tensor]]
+    surrogates: list[tuple[str, dict[str, torch.Tensor]]]
+    other_trajectories: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
+    centroids: Optional[torch.Tensor] = None  # for a user-supplied feature backbone
+    backbone_fingerprint: Optional[str] = None
+    generator: Optional[dict[str, torch.Tensor]] = None
+    image_size: tuple[int, int] = (32, 32)
+    timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per phase; not part of the state
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for t, w in enumerate(self.trajectory):
+            out.update({f"trajectory.{t}.{k}": v for k, v in w.items()})
+        for i, (_, w) in enumerate(self.surrogates):
+            out.update({f"surrogate.{i}.{k}": v for k, v in w.items()})
+        for s, traj in enumerate(self.other_trajectories):
+            for t, w in enumerate(traj):
+                out.update({f"other.{s}.{t}.{k}": v for k, v in w.items()})
+        if self.centroids is not None:
+            out["centroids"] = self.centroids
+        if self.generator is not None:
+            out.update({f"generator.{k}": v for k, v in self.generator.items()})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    def metadata(self) -> dict:
+        return {"architecture": self.architecture, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "key_fingerprint": self.key_fingerprint, "config": self.config.to_dict(),
+                "trajectory_length": len(self.trajectory), "surrogates": [a for a, _ in self.surrogates],
+                "other_trajectories": [len(t) for t in self.other_trajectories],
+                "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
+                "has_generator": self.generator is not None, "uge_hf_version": __version__}
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the metadata and every tensor: equal fingerprints, equal outputs."""
+        meta = dict(self.metadata(), uge_hf_version=None)
+        return hashlib.sha256((json.dumps(meta, sort_keys=True) + tensors_fingerprint(self.tensors())).encode()).hexdigest()
+
+    @property
+    def generator_fingerprint(self) -> Optional[str]:
+        return tensors_fingerprint(self.generator) if self.generator is not None else None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``state.safetensors`` and ``state.json``, owner-only (0600 in a 0700 folder):
+        the trajectory starts at θ0, so the state is as secret as the key."""
+        path = private_dir(directory)
+        atomic_write(path / STATE_WEIGHTS, save_safetensors_bytes(self.tensors()), private=True)
+        atomic_write(path / STATE_CONFIG, (json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n").encode(), private=True)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "SharedState":
+        path = Path(directory)
+        if not (path / STATE_CONFIG).exists():
+            raise FileNotFoundError(f"no {STATE_CONFIG} in {path}: not a saved UGE state (save one with UGETransform.save_pretrained)")
+        return cls.from_parts(json.loads((path / STATE_CONFIG).read_text()), load_safetensors_bytes((path / STATE_WEIGHTS).read_bytes()))
+
+    @classmethod
+    def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "SharedState":
+        """Rebuild from :meth:`metadata` and :meth:`tensors`."""
+
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        return cls(
+            architecture=meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+            key_fingerprint=meta["key_fingerprint"], config=ProtectConfig.from_dict(meta["config"]),
+            trajectory=[group(f"trajectory.{t}.") for t in range(meta["trajectory_length"])],
+            surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
+            other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],
+            centroids=tensors.get("centroids"), backbone_fingerprint=meta["backbone_fingerprint"],
+            generator=group("generator.") if meta["has_generator"] else None, image_size=tuple(meta["image_size"]),
+        )
