@@ -24,7 +24,7 @@ def _keygen(args) -> int:
     from .key import AuthorizedModel
 
     if args.seed is not None:
-        print(f"warning: --seed {args.seed} makes the key reproducible by anyone who guesses the seed; use it for tests only",
+        print(f"warning: --seed {args.seed} makes the key insecure: anyone who guesses the seed rebuilds it; use it for tests only",
               file=sys.stderr)
     key = AuthorizedModel.create(args.arch, num_classes=args.num_classes, seed=args.seed, in_channels=args.in_channels)
     key.save_pretrained(args.out)

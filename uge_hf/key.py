@@ -169,9 +169,13 @@ class AuthorizedModel:
             config_file = hf_hub_download(str(name_or_path), CONFIG_NAME, revision=sha, token=token)
             weights_file = hf_hub_download(str(name_or_path), WEIGHTS_NAME, revision=sha, token=token)
             source = {"repo_id": str(name_or_path), "revision": sha}
-        config = json.loads(Path(config_file).read_text())
-        state_dict = load_safetensors_bytes(Path(weights_file).read_bytes())
-        key = cls(config["architecture"], state_dict, config["num_classes"], config.get("in_channels", 3), config.get("seed"), source)
+        try:
+            config = json.loads(Path(config_file).read_text())
+            state_dict = load_safetensors_bytes(Path(weights_file).read_bytes())
+            key = cls(config["architecture"], state_dict, config["num_classes"], config.get("in_channels", 3), config.get("seed"), source)
+        except Exception as error:  # truncated weights, a config of another tool, weights of another architecture
+            raise ValueError(f"{name_or_path} is not a readable uge-hf key ({type(error).__name__}: {error}); "
+                             "use the folder `uge-hf keygen` wrote") from None
         if "fingerprint" in config and config["fingerprint"] != key.fingerprint:
             raise ValueError(f"{name_or_path}: weights hash {key.fingerprint} but config.json records {config['fingerprint']}; "
                              "the weights were changed after saving")

@@ -1,0 +1,447 @@
+"""uge-hf is a security tool: each kind of fault of issue 8 (data loss, key leaks, publishing
+more than meant, silent no-ops, unfaithful decoding, late refusals, dishonest interfaces),
+one or more real inputs each, on real CIFAR-10 rows re-encoded as needed."""
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+from huggingface_hub import HfApi
+
+from uge_hf import AuthorizedModel, ProtectConfig, protect, push_to_hub, verify
+from uge_hf.cli import main
+from uge_hf.hub import TamperedShardError
+from uge_hf.utils import sha256_file
+
+from .conftest import CIFAR10
+
+
+@pytest.fixture(scope="module")
+def rows(cifar):
+    """40 real training rows (a batch of 20 is two shards of the fast preset below)."""
+    return cifar["train"].select(range(40))
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return ProtectConfig.preset("fast", batch_size=20, trajectory_epochs=1, surrogate_epochs=1)
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def with_images(base: Dataset, images: list, **columns) -> Dataset:
+    return Dataset.from_dict({"img": images, "label": base["label"][:len(images)], **columns},
+                             features=Features({"img": Image(), "label": base.features["label"],
+                                                **{c: Value("string") for c in columns}}))
+
+
+def encoded(image: PIL.Image.Image, fmt: str, **save) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def assert_refused(tmp_path, dataset, key, config, match, **kwargs):
+    out = tmp_path / "refused"
+    with pytest.raises(ValueError, match=match):
+        protect(dataset, key, config, output_dir=out, verbose=False, **kwargs)
+    assert not out.exists() and not out.with_name("refused.uge-state").exists()
+
+
+# -- 1. never delete what uge-hf did not write ---------------------------------------------
+
+def test_overwrite_never_deletes_a_folder_uge_hf_did_not_write(tmp_path, rows, key, fast):
+    project = tmp_path / "proj"
+    rows.to_parquet(str(project / "data" / "train-00000-of-00001.parquet"))
+    (project / "notes.txt").write_text("mine")
+    before = files_of(project)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds files uge-hf did not write.*notes.txt"):
+            protect(rows, key, fast, output_dir=project, overwrite=overwrite, verbose=False)
+    assert files_of(project) == before
+    assert not (tmp_path / "proj.uge-state").exists()
+
+
+def test_state_dir_holding_the_users_files_is_refused_not_emptied(tmp_path, rows, key, fast):
+    private = tmp_path / "private"
+    key.save_pretrained(private / "key")
+    (private / "notes.txt").write_text("passwords")
+    before = files_of(private)
+    with pytest.raises(FileExistsError, match="state_dir .* holds files uge-hf did not write.*key"):
+        protect(rows, key, fast, output_dir=tmp_path / "out", state_dir=private, verbose=False)
+    assert files_of(private) == before and not (tmp_path / "out").exists()
+
+
+def test_overwrite_replaces_only_the_files_of_the_earlier_run(tmp_path, rows, key, fast):
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, shard_size=20, verbose=False)
+    assert len(list((out / "data").iterdir())) == 2
+    with pytest.raises(FileExistsError, match="holds another uge-hf run"):
+        protect(rows, key, ProtectConfig.preset("fast", batch_size=40, trajectory_epochs=1, surrogate_epochs=1), output_dir=out,
+                verbose=False)
+    again = protect(rows, key, ProtectConfig.preset("fast", batch_size=40, trajectory_epochs=1, surrogate_epochs=1), output_dir=out,
+                    overwrite=True, verbose=False)
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00001.parquet"]  # the old shards went with it
+    assert len(again["train"]) == 40
+    (out / "data" / "mine.txt").write_text("a user's file beside ours")
+    with pytest.raises(FileExistsError, match="did not write.*mine.txt"):
+        protect(rows, key, fast, output_dir=out, overwrite=True, verbose=False)
+    assert (out / "data" / "mine.txt").exists()
+
+
+def test_keygen_never_overwrites_a_key(tmp_path, capsys):
+    assert main(["keygen", "--out", str(tmp_path / "key")]) == 0
+    before = files_of(tmp_path / "key")
+    assert main(["keygen", "--out", str(tmp_path / "key")]) == 2
+    assert "already holds a key" in capsys.readouterr().err
+    assert files_of(tmp_path / "key") == before
+
+
+def test_a_rerun_removes_temporary_files_of_a_killed_writer(tmp_path, rows, key, fast):
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, shard_size=20, verbose=False)
+    shard = out / "data" / "train-00001-of-00002.parquet"
+    expected = sha256_file(shard)
+    stale = out / "data" / ".train-00001-of-00002.parquet.tmp-99999"
+    stale.write_bytes(b"half a shard")
+    shard.unlink()
+    protect(rows, key, fast, output_dir=out, shard_size=20, verbose=False)
+    assert not stale.exists() and sha256_file(shard) == expected
+
+
+def test_two_runs_on_one_folder_the_second_is_refused_with_the_holders_pid(tmp_path, key):
+    key.save_pretrained(tmp_path / "key")
+    out = tmp_path / "out"
+    common = [sys.executable, "-m", "uge_hf", "protect", str(CIFAR10), "--split", "train", "--limit", "400", "--key", str(tmp_path / "key"),
+              "--out", str(out), "--quiet"]
+    first = subprocess.Popen(common + ["--epsilon", "8/255"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out.with_name("out.uge-state") / "run.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run(common + ["--epsilon", "2/255"], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 4, second.stderr
+        assert f"another uge-hf run (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+# -- 2. the key stays secret -------------------------------------------------------------
+
+def test_keys_come_from_the_os_random_source(tmp_path):
+    a, b = AuthorizedModel.create("convnet", 10), AuthorizedModel.create("convnet", 10)
+    assert a.fingerprint != b.fingerprint and max(a.seed, b.seed) >= 2**32  # both below: chance 2^-62
+
+
+def test_explicit_seed_is_flagged_insecure(tmp_path, capsys):
+    assert main(["keygen", "--seed", "0", "--out", str(tmp_path / "key")]) == 0
+    assert "INSECURE" in capsys.readouterr().err.upper()
+
+
+def mode(path):
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_secrets_are_owner_only(tmp_path, rows, key, fast):
+    key.save_pretrained(tmp_path / "key")
+    assert mode(tmp_path / "key") == 0o700 and all(mode(p) == 0o600 for p in (tmp_path / "key").iterdir())
+    protect(rows, key, fast, output_dir=tmp_path / "out", verbose=False)
+    state = tmp_path / "out.uge-state"
+    folders = [state] + [p for p in state.rglob("*") if p.is_dir()]
+    assert folders and all(mode(p) == 0o700 for p in folders)
+    secret_files = [p for p in state.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".safetensors") for p in secret_files) and all(mode(p) == 0o600 for p in secret_files)
+
+
+def test_no_state_outlives_a_run_without_output_dir(tmp_path, rows, key, fast, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = protect(rows, key, fast, verbose=False)
+    assert len(out["train"]) == 40
+    leftovers = [p for p in tmp_path.rglob("*.safetensors")]
+    assert leftovers == [], "θ0's trajectory must not stay behind in a temporary folder"
+
+
+def test_card_and_metadata_say_nothing_that_narrows_the_search_for_the_key(tmp_path, rows, fast):
+    key = AuthorizedModel.create("resnet-small", 10)
+    key.source = {"repo_id": "acme/secret-key", "revision": "0" * 40}  # as if loaded from the Hub
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    public = (out / "README.md").read_text() + (out / "uge_hf.json").read_text()
+    for secret in ("resnet-small", "acme/secret-key", "0" * 40, str(key.seed)):
+        assert secret not in public
+    assert key.fingerprint in public
+    disclosed = protect(rows, key, fast, output_dir=tmp_path / "disclosed", disclose_key_architecture=True, verbose=False)
+    assert disclosed and "resnet-small" in (tmp_path / "disclosed" / "README.md").read_text()
+
+
+# -- 3. publishing publishes only what was meant -------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_shard_run(tmp_path_factory, rows, key, fast):
+    out = tmp_path_factory.mktemp("pub") / "run"
+    protect(rows, key, fast, output_dir=out, shard_size=20, verbose=False)
+    return out
+
+
+def test_push_refuses_an_existing_public_repo_unless_publishing_is_meant(two_shard_run, key, hub_token):
+    api = HfApi()
+    api.create_repo("tester/public-data", repo_type="dataset", private=False)
+    with pytest.raises(PermissionError, match="exists and is public.*private=False"):
+        push_to_hub(two_shard_run, "tester/public-data")
+    assert "uge_hf.json" not in api.list_repo_files("tester/public-data", repo_type="dataset")
+    push_to_hub(two_shard_run, "tester/public-data", private=False)  # on purpose
+    api.create_repo("tester/public-key", private=False)
+    with pytest.raises(PermissionError, match="exists and is public"):
+        key.push_to_hub("tester/public-key")
+    assert "model.safetensors" not in api.list_repo_files("tester/public-key")
+
+
+def test_a_second_push_replaces_the_first_runs_data_files(tmp_path, two_shard_run, rows, key, hub_token):
+    push_to_hub(two_shard_run, "tester/replaced")
+    one = tmp_path / "one"
+    protect(rows.select(range(20)), key, ProtectConfig.preset("fast", batch_size=20, trajectory_epochs=1, surrogate_epochs=1),
+            output_dir=one, verbose=False)
+    push_to_hub(one, "tester/replaced")
+    files = HfApi().list_repo_files("tester/replaced", repo_type="dataset")
+    assert [f for f in files if f.startswith("data/")] == ["data/train-00000-of-00001.parquet"]
+    assert len(load_dataset("tester/replaced", download_mode="force_redownload")["train"]) == 20
+    verify("tester/replaced", key)
+
+
+def test_manifest_names_are_never_trusted_as_paths(tmp_path, two_shard_run, key):
+    import shutil
+
+    for name in ("/etc/hostname", "/dev/zero", "../../etc/hostname", "data/../../x"):
+        copy = tmp_path / f"copy{abs(hash(name))}"
+        shutil.copytree(two_shard_run, copy)
+        meta = json.loads((copy / "uge_hf.json").read_text())
+        meta["shards"][name] = "0" * 64
+        (copy / "uge_hf.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="outside data/ or arrow/"):
+            verify(copy, key)
+
+
+def test_an_unlisted_data_file_fails_verification(tmp_path, two_shard_run, rows, key, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_shard_run, copy)
+    rows.select(range(10)).map(lambda r: {"label": 0}).to_parquet(str(copy / "data" / "train-extra.parquet"))
+    with pytest.raises(TamperedShardError, match="does not list: data/train-extra.parquet"):
+        verify(copy, key)
+    key.save_pretrained(tmp_path / "key")
+    assert main(["verify", str(copy), "--key", str(tmp_path / "key")]) == 3
+    assert len(load_dataset(str(copy), download_mode="force_redownload")["train"]) == 40  # the card lists exact files
+
+
+def test_copied_splits_carry_no_original_metadata(tmp_path, rows, key, fast):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "Jane Doe, jane@example.com")
+    exif = PIL.Image.Exif()
+    exif[0x013B] = "Jane Doe"  # Artist
+    test = rows.select(range(4))
+    images = [encoded(im, "PNG", pnginfo=info) if i % 2 else encoded(im, "JPEG", exif=exif, quality=95)
+              for i, im in enumerate(test["img"])]
+    ds = DatasetDict({"train": rows, "test": with_images(test, images)})
+    out = protect(ds, key, fast, output_dir=tmp_path / "out", splits=["train"], verbose=False)
+    for item, original in zip(out["test"].cast_column("img", Image(decode=False))["img"], ds["test"]["img"]):
+        assert b"Jane Doe" not in item["bytes"] and item["path"] is None
+        copied = PIL.Image.open(io.BytesIO(item["bytes"]))
+        assert copied.format == "PNG" and not copied.info.get("Author") and not copied.getexif()
+        assert np.array_equal(np.asarray(copied), np.asarray(original))  # the same pixels
+    assert "pixel values changed" in (tmp_path / "out" / "README.md").read_text()
+
+
+# -- 4. protection never silently does nothing ----------------------------------------------
+
+@pytest.mark.parametrize("value", [1e-9, 0.5 / 255, True, "abc", None])
+def test_config_refuses_what_cannot_protect(value):
+    with pytest.raises(ValueError, match="epsilon"):
+        ProtectConfig(epsilon=value)
+
+
+def test_config_normalizes_numbers_at_construction():
+    assert ProtectConfig(epsilon="8/255").epsilon == 8 / 255
+    config = ProtectConfig(epsilon=np.float32(8 / 255), steps=np.int64(3), resize=[32, 32])
+    assert type(config.epsilon) is float and type(config.steps) is int and config.resize == (32, 32)
+    json.dumps(config.to_dict())  # plain JSON, as the card needs
+    for bad in (dict(steps=0), dict(batch_size=True), dict(lambda_gm=0, lambda_fd=0), dict(resize=(4, 4))):
+        with pytest.raises(ValueError):
+            ProtectConfig(**bad)
+
+
+@pytest.mark.parametrize("classes", ["1", "0", "-3"])
+def test_keygen_refuses_fewer_than_two_classes(tmp_path, classes, capsys):
+    assert main(["keygen", "--num-classes", classes, "--out", str(tmp_path / "k")]) == 2
+    assert "num_classes must be an integer >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+def test_epsilon_below_one_level_is_refused_by_the_cli(tmp_path, capsys):
+    AuthorizedModel.create("convnet", 10).save_pretrained(tmp_path / "key")
+    code = main(["protect", str(CIFAR10), "--split", "train", "--limit", "20", "--key", str(tmp_path / "key"),
+                 "--out", str(tmp_path / "o"), "--epsilon", "1e-9", "--quiet"])
+    assert code == 2 and "below one 8-bit level" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_class_data_is_refused(tmp_path, rows, key, fast):
+    assert_refused(tmp_path, rows.filter(lambda r: r["label"] == 6), key, fast, "every row has label 6")
+
+
+def test_perturbed_fraction_is_recorded_and_an_unchanged_output_is_never_published(tmp_path, rows, key, fast, monkeypatch):
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    assert json.loads((out / "uge_hf.json").read_text())["perturbed_fraction"]["train"] > 0.5
+    from uge_hf.transform import UGETransform
+
+    monkeypatch.setattr(UGETransform, "perturb", lambda self, images, labels, device=None: list(images))
+    with pytest.raises(RuntimeError, match="left every pixel unchanged"):
+        protect(rows, key, fast, output_dir=tmp_path / "noop", verbose=False)
+    assert not (tmp_path / "noop" / "uge_hf.json").exists() and not (tmp_path / "noop" / "README.md").exists()
+
+
+# -- 5. what the user sees is what gets protected --------------------------------------------
+
+def test_exif_orientation_is_applied_as_datasets_shows_it(tmp_path, rows, key, fast):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    images = [encoded(im.resize((40, 24)), "JPEG", exif=exif, quality=95) for im in rows["img"][:20]]
+    ds = with_images(rows, images)
+    shown = ds[0]["img"].size
+    assert shown == (24, 40)
+    out = protect(ds, key, fast, output_dir=tmp_path / "out", verbose=False)
+    assert {im.size for im in out["train"]["img"]} == {shown}
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, rows, key):
+    gray = [np.asarray(im.convert("L"), dtype=np.uint16) * 257 for im in rows["img"][:20]]
+    images = [encoded(PIL.Image.fromarray(a), "PNG") for a in gray]
+    ds = with_images(rows, images)
+    assert ds[0]["img"].mode == "I;16"
+    gray_key = AuthorizedModel.create("convnet", 10, in_channels=1)
+    out = protect(ds, gray_key, ProtectConfig.preset("fast", batch_size=20, trajectory_epochs=1, surrogate_epochs=1),
+                  output_dir=tmp_path / "out", verbose=False)
+    got = np.stack([np.asarray(im, dtype=int) for im in out["train"]["img"]])
+    want = np.stack([a.astype(int) // 257 for a in gray])
+    assert np.abs(got - want).max() <= 8 and abs(got.mean() - want.mean()) < 2
+
+
+def test_float_images_are_refused_naming_the_row(tmp_path, rows, key, fast):
+    images = [np.asarray(im.convert("L"), dtype=np.float32) / 255 for im in rows["img"][:20]]
+    assert_refused(tmp_path, with_images(rows, images), key, fast, "row 0 of column 'img'.*32-bit float image")
+
+
+# -- 6. refuse up front what cannot work, naming the row -------------------------------------
+
+def test_a_tiny_image_among_normal_ones_is_refused_naming_its_row(tmp_path, rows, key, fast):
+    images = list(rows["img"][:20])
+    images[13] = images[13].resize((4, 4))
+    assert_refused(tmp_path, with_images(rows, images), key, fast, "row 13 .* is 4x4: the key needs at least 8x8.*resize")
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path, rows, key, fast):
+    huge = PIL.Image.new("RGB", (9000, 9000))
+    images = [encoded(im, "PNG") for im in rows["img"][:3]] + [encoded(huge, "PNG", compress_level=9)]
+    assert len(images[-1]["bytes"]) < 1_000_000
+    start = time.perf_counter()
+    assert_refused(tmp_path, with_images(rows, images), key, fast, "row 3 .* 9000x9000 .*resize=")
+    assert time.perf_counter() - start < 5  # the header said enough
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused(tmp_path, rows, key):
+    config = ProtectConfig.preset("fast", resize=(4096, 4096))
+    assert_refused(tmp_path, rows, key, config, "search would need about .* GiB .*batch_size")
+
+
+def test_missing_labels_are_refused_naming_the_row(tmp_path, rows, key, fast):
+    labels = list(rows["label"][:20])
+    labels[5] = None
+    ds = Dataset.from_dict({"img": rows["img"][:20], "label": labels}, features=rows.features)
+    assert_refused(tmp_path, ds, key, fast, "row 5 has no label")
+
+
+def test_a_second_image_column_is_refused(tmp_path, rows, key, fast):
+    ds = Dataset.from_dict({"img": rows["img"][:20], "thumb": rows["img"][:20], "label": rows["label"][:20]},
+                           features=Features({"img": Image(), "thumb": Image(), "label": rows.features["label"]}))
+    assert_refused(tmp_path, ds, key, fast, "'thumb'.* would be published unprotected", image_column="img")
+
+
+def test_an_array_column_is_not_an_image_column(tmp_path, rows, key, fast):
+    arrays = [np.asarray(im, dtype=np.uint8) for im in rows["img"][:20]]
+    ds = Dataset.from_dict({"pixels": arrays, "label": rows["label"][:20]},
+                           features=Features({"pixels": Array3D((32, 32, 3), "uint8"), "label": rows.features["label"]}))
+    assert_refused(tmp_path, ds, key, fast, "column 'pixels' holds Array3D, not images", image_column="pixels")
+
+
+def test_grayscale_data_with_a_color_key_points_to_a_grayscale_key(tmp_path, rows, key, fast):
+    ds = with_images(rows, [im.convert("L") for im in rows["img"][:20]])
+    assert_refused(tmp_path, ds, key, fast, "grayscale .* in_channels=1")
+
+
+def test_unsigned_labels_are_accepted(tmp_path, rows, key, fast):
+    ds = rows.cast_column("label", Value("uint8"))
+    out = protect(ds, key, fast, output_dir=tmp_path / "out", label_column="label", verbose=False)
+    assert out["train"]["label"][:] == rows["label"][:]
+
+
+# -- 7. honest interfaces ------------------------------------------------------------------
+
+def test_verify_exit_codes_mean_one_thing_each(tmp_path, two_shard_run, key, capsys):
+    import shutil
+
+    key.save_pretrained(tmp_path / "key")
+    AuthorizedModel.create("convnet", 10).save_pretrained(tmp_path / "other")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "corrupt" / "config.json").write_text("{}")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(two_shard_run, tampered)
+    shard = tampered / "data" / "train-00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-4] + b"0000")
+    cases = [(str(two_shard_run), "key", 0), (str(two_shard_run), "other", 1), (str(tampered), "key", 3),
+             (str(two_shard_run), "corrupt", 2), (str(tmp_path / "missing"), "key", 2)]
+    for dataset, key_dir, expected in cases:
+        assert main(["verify", dataset, "--key", str(tmp_path / key_dir)]) == expected, (dataset, key_dir)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 1
+
+
+def test_a_rerun_with_another_layout_is_refused(tmp_path, rows, key, fast):
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, shard_size=20, verbose=False)
+    with pytest.raises(FileExistsError, match="holds another uge-hf run"):
+        protect(rows, key, fast, output_dir=out, shard_size=40, verbose=False)
+
+
+def test_evaluate_refuses_a_key_that_verify_refuses(tmp_path, two_shard_run, capsys):
+    AuthorizedModel.create("convnet", 10).save_pretrained(tmp_path / "other")
+    code = main(["evaluate", str(two_shard_run), "--clean", str(CIFAR10), "--key", str(tmp_path / "other"), "--update-card",
+                 "--epochs", "1", "--quiet"])
+    assert code == 1 and "does not match" in capsys.readouterr().err
+    assert "Measured efficacy" not in (two_shard_run / "README.md").read_text()
+
+
+def test_limit_records_the_rows_really_protected(tmp_path, rows, key):
+    small = tmp_path / "small"
+    rows.to_parquet(str(small / "data" / "train-00000-of-00001.parquet"))
+    key.save_pretrained(tmp_path / "key")
+    assert main(["protect", str(small), "--split", "train", "--limit", "1000", "--key", str(tmp_path / "key"),
+                 "--out", str(tmp_path / "out"), "--preset", "fast", "--batch-size", "20", "--quiet"]) == 0
+    assert json.loads((tmp_path / "out" / "uge_hf.json").read_text())["source"]["rows"] == 40
