@@ -68,7 +68,12 @@ class UGETransform:
         >>> protected = ds.map(transform, batched=True, batch_size=transform.batch_size)  # doctest: +SKIP
 
     Batches of ``transform.batch_size`` rows give exactly the bytes that :func:`uge_hf.protect`
-    writes; another ``batch_size`` gives equally valid but different perturbations.
+    writes *at the same number of torch threads per process*: CPU kernels split their
+    reductions by thread, so floating-point sums, and now and then a rounded pixel, depend on
+    it. ``Dataset.map(num_proc=N)`` workers compute on one thread each (a forked worker
+    cannot reuse torch's thread pool), so they match ``protect`` run on one thread
+    (``OMP_NUM_THREADS=1``, as ``accelerate launch`` sets). Another ``batch_size`` gives
+    equally valid but different perturbations.
     """
 
     def __init__(self, state: SharedState, *, image_column: str = "image", label_column: str = "label",
