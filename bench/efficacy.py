@@ -28,9 +28,9 @@ import torch
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.data import load_tensors
-from uge_hf.evaluation import evaluate_tensors, model_panel
+from uge_hf.evaluation import KEY, Evaluation, Training, evaluate_tensors
 from uge_hf.models import DEFAULT_HACKERS
-from uge_hf.training import TrainConfig, accuracy, train_model
+from uge_hf.training import TrainConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -70,7 +70,7 @@ def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[i
     return rows
 
 
-def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, clean_acc: dict) -> dict:
+def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, baseline: list[Training]) -> dict:
     from datasets import load_dataset
 
     torch.set_num_threads(args.threads)
@@ -86,8 +86,8 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, cle
     timings["perturb_and_write"] = protect_s - sum(timings.values())
     assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"
     report = evaluate_tensors(clean, protected, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
-                              attacks=["none"] + args.attacks, attacked_models=args.attacked_models, clean_acc=clean_acc,
-                              verbose=args.verbose)
+                              attacks=["none"] + args.attacks, attacked_models=args.attacked_models, baseline=baseline,
+                              eval_every=args.eval_every, verbose=args.verbose)
     return {"variant": name, "config": config.to_dict(), "protect_s": protect_s, "phases_s": timings,
             "rows": report.to_dicts(), "summary": report.summary()}
 
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "generator"])
     parser.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[])
     parser.add_argument("--attacked-models", type=lambda s: s.split(","), default=None)
+    parser.add_argument("--eval-every", type=int, default=3, help="test accuracy after every k-th epoch and the last: "
+                        "best-epoch figures over those (each evaluation of the 10k test split costs about one training epoch on 2 cores)")
     parser.add_argument("--clean-json", type=Path, help="reuse the clean baseline of an earlier run's JSON (same --n, --epochs)")
     parser.add_argument("--jobs", type=int, default=1, help="variants run in parallel (on a GPU machine)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -125,47 +127,53 @@ def main() -> None:
     start = time.perf_counter()
     if args.clean_json:
         earlier = json.loads(args.clean_json.read_text())
-        clean_acc, key_train_s = earlier["clean_acc"], earlier["key_training_s"]
+        key_train_s = earlier["key_training_s"]
+        # Runs before best epochs were recorded kept the last epoch's accuracy only.
+        baseline = [Training.from_dict(t) for t in earlier["clean_trainings"]] if "clean_trainings" in earlier else \
+            [Training(m, "none", "clean", [args.epochs], [acc], 0.0) for m, acc in earlier["clean_acc"].items()]
     else:
-        clean_acc, seconds = {}, {}
-        for name, factory in model_panel(key, args.hackers):
-            tic = time.perf_counter()
-            model = train_model(factory(), *clean, TrainConfig(epochs=args.epochs), 0, desc=f"{name} on clean", verbose=args.verbose)
-            seconds[name] = time.perf_counter() - tic
-            clean_acc[name] = accuracy(model, *test)
-        key_train_s = seconds["key θ0"]
+        ev = Evaluation(clean, None, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
+                        eval_every=args.eval_every, verbose=args.verbose)
+        baseline = [ev.run(name, "none", "clean") for name in ev.models]
+        key_train_s = ev.trainings[KEY, "none", "clean"].seconds
+    clean_acc = {t.model: t.last_acc for t in baseline}
     clean_s = time.perf_counter() - start
 
     print(f"\nCIFAR-10, {len(rows)} train rows, {len(test[1])} test images, {args.epochs} epochs, key convnet seed 0, "
-          f"hackers: {', '.join(args.hackers)}; one clean training of the key: {key_train_s:.0f} s\n")
+          f"hackers: {', '.join(args.hackers)}; one clean training of the key: {key_train_s:.0f} s; cells: best-epoch / last-epoch accuracy "
+          f"(tested every {args.eval_every} epochs and at the last) and the last-epoch ratio to clean\n")
     header = "| variant | key θ0 | key arch, seed 7 | " + " | ".join(args.hackers) + " | mean hacker | protect / key training |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
-    print("| clean acc | " + " | ".join(f"{clean_acc[m]:.1f}" for m in ["key θ0", "key arch, seed 7", *args.hackers]) + " | | |", flush=True)
-    payload = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "hackers": args.hackers, "clean_acc": clean_acc,
+    print("| clean acc, best/last epoch | " + " | ".join(f"{t.best_acc:.1f}/{t.last_acc:.1f}" for t in baseline) + " | | |", flush=True)
+    payload = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
+               "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
+               "clean_trainings": [t.to_dict() for t in baseline],
                "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": "cuda" if torch.cuda.is_available() else "cpu",
                "threads": args.threads, "variants": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def report(res: dict) -> None:  # print and save each variant as soon as it is done
         by_model = {r["model"]: r for r in res["rows"] if r["attack"] == "none"}
-        cells = [f"{by_model[m]['protected_acc']:.1f} ({by_model[m]['ratio']:.2f})" for m in ["key θ0", "key arch, seed 7", *args.hackers]]
+        cells = [f"{by_model[m]['protected_best_acc']:.1f}/{by_model[m]['protected_acc']:.1f} ({by_model[m]['ratio']:.2f})"
+                 for m in ["key θ0", "key arch, seed 7", *args.hackers]]
         res["protect_over_key_training"] = res["protect_s"] / key_train_s
         print(f"| {res['variant']} | " + " | ".join(cells) + f" | {res['summary']['mean_hacker_ratio']:.2f} | {res['protect_over_key_training']:.2f} |")
         for r in res["rows"]:
             if r["attack"] != "none":
-                print(f"|   {res['variant']}, {r['model']} after {r['attack']} | {r['protected_acc']:.1f} ({r['ratio']:.2f}) |")
+                print(f"|   {res['variant']}, {r['model']} after {r['attack']} | {r['protected_best_acc']:.1f}/{r['protected_acc']:.1f} "
+                      f"({r['ratio']:.2f}) |")
         sys.stdout.flush()
         payload["variants"].append(res)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(run_variant, v, args, rows, clean, test, clean_acc) for v in args.variants]):
+            for future in as_completed([pool.submit(run_variant, v, args, rows, clean, test, baseline) for v in args.variants]):
                 report(future.result())
     else:
         for v in args.variants:
-            report(run_variant(v, args, rows, clean, test, clean_acc))
+            report(run_variant(v, args, rows, clean, test, baseline))
     print(f"\nwrote {args.json}")
 
 

@@ -37,10 +37,15 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup: float = 0.2
     channels_last: bool = False  # NHWC activations: faster convolutions under bf16 autocast on a GPU
+    # "sgd" (Nesterov, `momentum`) or "adam"; both with L2 weight decay on weights, not on
+    # biases and norms. Adam is one of the other recipes an authorized user may pick (uge_hf.attacks).
+    optimizer: str = "sgd"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +59,7 @@ class TrainConfig:
 
 
 SCHEDULES = ("cosine", "onecycle")
+OPTIMIZERS = ("sgd", "adam")
 
 # Named recipes, so a ProtectConfig (and a dataset card) can say which one the key's trajectory
 # followed: an authorized model retraces it only when trained with the same one.
@@ -100,8 +106,7 @@ def train_model(
     start_epoch: int = 0,
     optimizer_state: Optional[dict] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
-    soft_targets: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    input_transform: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = None,
+    batch_transform: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]] = None,
     ranks: Ranks = Ranks(),
     desc: str = "train",
     verbose: bool = True,
@@ -113,10 +118,12 @@ def train_model(
     boundary (``start_epoch`` plus ``optimizer_state``, as saved by ``on_epoch_end``) takes
     exactly the steps an uninterrupted one does.
 
-    ``soft_targets(x)`` switches the loss to distillation (KL to those probabilities);
-    ``input_transform(x, generator)`` perturbs each batch after augmentation (adversarial
-    training). Each step is split into ``config.micro_batches`` shared among ``ranks``
-    (:mod:`uge_hf.parallel`): the trained weights are the same bytes on any number of processes.
+    ``batch_transform(x, y, generator)`` changes each batch after crop and flip (the training
+    defenses of :mod:`uge_hf.attacks`) and returns ``(x, targets)``: class indices ``(N,)`` or
+    class probabilities ``(N, K)`` (mixing, distillation), both trained with cross-entropy; it
+    sees the whole batch, before the micro-batch split. Each step is split into
+    ``config.micro_batches`` shared among ``ranks`` (:mod:`uge_hf.parallel`): the trained
+    weights are the same bytes on any number of processes.
 
     Example:
         >>> import torch
@@ -132,10 +139,11 @@ def train_model(
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum, nesterov=True,
-    )
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=config.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     n = len(labels)
@@ -155,8 +163,8 @@ def train_model(
             x, y = to_float(images[idx], device), labels[idx.to(device)]
             if config.augment:
                 x = random_crop_flip(x, gen)
-            if input_transform is not None:
-                x = input_transform(x, gen)
+            if batch_transform is not None:
+                x, y = batch_transform(x, y, gen)
             x = x.contiguous(memory_format=layout)
             xs, ys = x.tensor_split(config.micro_batches), y.tensor_split(config.micro_batches)
 
@@ -165,11 +173,7 @@ def train_model(
                     return None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(xs[k]).float()
-                if soft_targets is None:
-                    loss = F.cross_entropy(logits, ys[k], reduction="sum")
-                else:
-                    loss = F.kl_div(F.log_softmax(logits, 1), soft_targets(xs[k]), reduction="sum")
-                return loss / len(idx)  # summed over micro-batches: the batch mean
+                return F.cross_entropy(logits, ys[k], reduction="sum") / len(idx)  # summed over micro-batches: the batch mean
 
             loss = data_parallel_gradients(model, micro_loss, config.micro_batches, ranks)
             optimizer.step()
