@@ -10,6 +10,7 @@ from typing import Optional
 from datasets import DatasetInfo, Features
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .evaluation import efficacy_markdown
 from .folder import CARD_NAME, folder_features, read_metadata, split_of, write_metadata
 from .utils import atomic_write
 
@@ -32,12 +33,6 @@ def size_category(num_rows: int) -> str:
         if num_rows < bound:
             return label
     return "n>10M" if num_rows > 10_000_000 else "1M<n<10M"
-
-
-def efficacy_markdown(rows: list[dict]) -> str:
-    lines = ["| model | attack | clean-trained | protected-trained | protected / clean |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['attack']} | {r['clean_acc']:.2f} | {r['protected_acc']:.2f} | {r['ratio']:.2f} |" for r in rows]
-    return "\n".join(lines)
 
 
 def uge_block(metadata: dict) -> dict:

@@ -72,6 +72,8 @@ def _protect(args) -> int:
 
 
 def _evaluate(args) -> int:
+    import importlib.util
+
     from datasets import load_dataset
 
     from .evaluation import evaluate
@@ -86,16 +88,28 @@ def _evaluate(args) -> int:
     clean = load_dataset(args.clean)
     clean_train = clean[split].select(range(len(protected)))  # protect --limit keeps the first rows
     key = AuthorizedModel.from_pretrained(args.key)
+    if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
+        raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
     report = evaluate(protected, clean[args.test_split], key, clean_train=clean_train, hackers=args.hackers.split(","),
-                      epochs=args.epochs, attacks=["none"] + (args.attacks.split(",") if args.attacks else []), verbose=not args.quiet)
+                      epochs=args.epochs, attacks=["none"] + [a for a in args.attacks.split(",") if a], attack_clean=args.attack_clean,
+                      eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
     print(json.dumps(report.summary(), indent=2))
-    results = {"rows": report.to_dicts(), "summary": report.summary(), "epochs": args.epochs}
+    results = {"rows": report.to_dicts(), "summary": report.summary(), "epochs": args.epochs, "eval_every": args.eval_every}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.figure:
+        print(f"wrote the figure to {report.plot(args.figure)}")
     if args.update_card:
         from .card import record_efficacy
+        from .folder import FIGURE_NAME, record_files
 
+        try:  # the figure sits next to the table in the card when matplotlib is installed
+            report.plot(Path(args.protected) / FIGURE_NAME)
+            record_files(Path(args.protected), [FIGURE_NAME])
+            results["figure"] = FIGURE_NAME
+        except ImportError as error:
+            print(f"the card gets the table only: {error}", file=sys.stderr)
         record_efficacy(args.protected, results)
         print(f"recorded the table in {Path(args.protected) / 'README.md'}")
     return 0
@@ -173,11 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", required=True, help="the clean dataset it came from")
     p.add_argument("--key", required=True)
     p.add_argument("--hackers", default=",".join(DEFAULT_HACKERS))
-    p.add_argument("--attacks", default="", help="comma-separated: jpeg,grayscale,bitdepth,adversarial,distill")
+    p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
+                   "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
+                   "mixup, ueraser, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
+                   "recipes (recipe-adam, recipe-2x-epochs, recipe-batch-256)")
+    p.add_argument("--attack-clean", action="store_true", help="also train each attacked model with the attack on the clean rows "
+                   "(what the defense costs by itself)")
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--eval-every", type=int, default=1, help="test after every k-th epoch and the last (best-epoch accuracy among those)")
+    p.add_argument("--figure", help="draw the table as a PNG heatmap here (needs matplotlib: pip install 'uge-hf[plot]')")
     p.add_argument("--test-split", default="test")
     p.add_argument("--json", help="write rows and summary here")
-    p.add_argument("--update-card", action="store_true", help="record the table in the folder's card and uge_hf.json")
+    p.add_argument("--update-card", action="store_true", help="record the table in the folder's card and uge_hf.json, "
+                   "with the figure as efficacy.png beside it")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_evaluate)
 
