@@ -180,17 +180,28 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
             (out / rel).unlink()
         for rel in doomed:
             _remove_empty_dirs((out / rel).parent, out)
-        atomic_write(out / MANIFEST_NAME, json.dumps({"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs),
-                                                      "pid": os.getpid()}, indent=2, sort_keys=True).encode())
+        _write_manifest(out, {"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs), "pid": os.getpid()})
 
     return take
+
+
+def finish_output(out: Path) -> None:
+    """Drop the writer's pid from the manifest once the run is complete: it only names the
+    holder of a run in progress, and a finished folder is the same bytes whoever wrote it."""
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest.pop("pid", None)
+    _write_manifest(out, manifest)
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def record_files(out: Path, names: Iterable[str]) -> None:
     """Add files this run wrote to ``out``'s manifest (the card's figure, say)."""
     manifest = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).is_file() else _owned(out)
     manifest["files"] = sorted(set(manifest["files"]) | set(names))
-    atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _write_manifest(out, manifest)
 
 
 def _remove_empty_dirs(folder: Path, top: Path) -> None:

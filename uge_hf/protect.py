@@ -36,8 +36,8 @@ from .config import ProtectConfig
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, raw_images, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
-from .folder import (DATA_FOLDERS, PUBLIC_FILES, claim_output, claim_state, lock_folder, load_output, read_fresh, shard_name,
-                     split_of, write_metadata, MANIFEST_NAME, STATE_MARKER)
+from .folder import (MANIFEST_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
+                     read_fresh, shard_name, split_of, write_metadata)
 from .key import AuthorizedModel
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
@@ -302,6 +302,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
             metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
             write_metadata(out, metadata)
             write_card(out, metadata, data[splits[0]].features, template=card_template)
+            finish_output(out)
         accelerator.wait_for_everyone()
         return load_output(out)
     finally:
