@@ -10,14 +10,24 @@ README walks the whole journey.
 
 __version__ = "0.1.0"
 
-from .config import ProtectConfig  # noqa: E402
-from .evaluation import evaluate, train_authorized  # noqa: E402
-from .hub import load_protected, push_to_hub, verify  # noqa: E402
-from .key import AuthorizedModel  # noqa: E402
-from .protect import protect  # noqa: E402
-from .transform import UGETransform  # noqa: E402
+# Names resolve on first use (PEP 562): `uge-hf --help` and `--version` answer without
+# importing torch and datasets, which take seconds.
+_EXPORTS = {
+    "AuthorizedModel": "key", "ProtectConfig": "config", "UGETransform": "transform", "evaluate": "evaluation",
+    "load_protected": "hub", "protect": "protect", "push_to_hub": "hub", "train_authorized": "evaluation", "verify": "hub",
+}
+__all__ = [*sorted(_EXPORTS), "__version__"]
 
-__all__ = [
-    "AuthorizedModel", "ProtectConfig", "UGETransform", "evaluate", "load_protected", "protect", "push_to_hub",
-    "train_authorized", "verify", "__version__",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'uge_hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -77,6 +77,7 @@ def _evaluate(args) -> int:
     from datasets import load_dataset
 
     from .evaluation import evaluate
+    from .models import DEFAULT_HACKERS
     from .key import AuthorizedModel
     from .folder import load_output, read_metadata
     from .hub import verify
@@ -90,7 +91,7 @@ def _evaluate(args) -> int:
     key = AuthorizedModel.from_pretrained(args.key)
     if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
         raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
-    report = evaluate(protected, clean[args.test_split], key, clean_train=clean_train, hackers=args.hackers.split(","),
+    report = evaluate(protected, clean[args.test_split], key, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
                       epochs=args.epochs, attacks=["none"] + [a for a in args.attacks.split(",") if a], attack_clean=args.attack_clean,
                       eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
@@ -132,8 +133,6 @@ def _verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import DEFAULT_HACKERS, list_models
-
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="uge-hf", description="Ungeneralizable Examples for Hugging Face datasets: protect an image "
@@ -186,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protected", help="a folder written by `uge-hf protect`")
     p.add_argument("--clean", required=True, help="the clean dataset it came from")
     p.add_argument("--key", required=True)
-    p.add_argument("--hackers", default=",".join(DEFAULT_HACKERS))
+    p.add_argument("--hackers", help="comma-separated architectures trained as hackers (default: uge_hf.models.DEFAULT_HACKERS)")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
                    "mixup, ueraser, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
