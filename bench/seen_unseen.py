@@ -64,7 +64,7 @@ def main() -> None:
     for name, part in (("seen", slice(0, half)), ("unseen", slice(half, len(rows)))):
         report = evaluate_tensors((clean[0][part], clean[1][part]), (protected[0][part], protected[1][part]), test, key,
                                   hackers=args.hackers, sibling_seeds=(), train_config=TrainConfig(epochs=args.epochs),
-                                  verbose=args.verbose)
+                                  eval_every=3, verbose=args.verbose)  # a 10k-image test costs about a training epoch
         summary = report.summary()
         by_model = {r.model: r for r in report}
         print(f"| {name} | {part.stop - part.start} | " + " | ".join(

@@ -177,7 +177,7 @@ class EvaluationReport(list):
             i, j = models.index(r.model), attacks.index(r.attack)
             ratios[i, j] = r.ratio
             labels[i][j] = f"{r.ratio:.2f}" + (f"\n[{r.attack_clean_acc / r.clean_acc:.2f}]" if r.attack_clean_acc is not None else "")
-        fig = Figure(figsize=(1.0 + 0.75 * len(attacks), 1.2 + 0.45 * len(models)), dpi=120)
+        fig = Figure(figsize=(2.5 + 0.8 * len(attacks), 1.5 + 0.45 * len(models)), dpi=120)
         ax = fig.add_subplot()
         image = ax.imshow(np.ma.masked_invalid(ratios), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         for i in range(len(models)):
