@@ -1,0 +1,165 @@
+"""How the cost of ``protect`` grows on a CPU (issue 11, section 3).
+
+Wall time and peak RSS of ``protect`` (key ``convnet``, seed 0) for each preset, against rows
+(CIFAR-10 at its native 32 px) and against image size (``--size-rows`` rows resized to each
+of ``--sizes`` px with ``ProtectConfig(resize=...)``), each as a ratio to the smallest point of
+its axis. Per-sample cost should grow linearly in rows and in pixels; memory should not grow
+with rows.
+
+Each point runs in a fresh subprocess, so its peak RSS is its own. The JSON is rewritten after
+every point and read back at start: a rerun with the same ``--json`` skips finished points.
+
+    python bench/cost.py                                                  # the bench, ~60 min on 2 cores
+    python bench/cost.py --rows 100,200 --sizes 32,48 --size-rows 100 --presets fast --json /tmp/cost.json   # a check
+
+Writes the JSON (``bench/results/cost_cpu.json``), a log-log plot beside it (``.png``) and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def run_point(data: Path, preset: str, rows: int, size: int | None, threads: int) -> dict:
+    """One ``protect`` in this process (the child's side): seconds, peak RSS, build phases."""
+    import torch
+    from datasets import load_dataset
+
+    from uge_hf import AuthorizedModel, ProtectConfig, protect
+
+    torch.set_num_threads(threads)
+    train = load_dataset(str(data), split="train").select(range(rows))
+    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+    config = ProtectConfig.preset(preset, **({"resize": (size, size)} if size else {}))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with tempfile.TemporaryDirectory(prefix="uge-cost-") as tmp:
+        tic = time.perf_counter()
+        protect(train, key, config, output_dir=Path(tmp) / "out", verbose=False)
+        seconds = time.perf_counter() - tic
+        build = Path(tmp) / "out.uge-state" / "build.json"
+        phases = json.loads(build.read_text())["phases_s"] if build.exists() else {}
+    return {"seconds": seconds, "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_before_gib": rss_before, "phases_s": phases, "threads": threads}
+
+
+def points(args) -> list[dict]:
+    """Every point of the bench, fast presets first and cheap points first within a preset."""
+    out = []
+    for preset in args.presets:
+        out += [{"preset": preset, "axis": "rows", "rows": r, "size": None} for r in args.rows]
+        out += [{"preset": preset, "axis": "size", "rows": args.size_rows, "size": s} for s in args.sizes]
+    return out
+
+
+def point_id(p: dict) -> str:
+    return f"{p['preset']}/{p['axis']}/{p['rows']}/{p['size'] or 'native'}"
+
+
+def with_ratios(results: list[dict]) -> list[dict]:
+    """Each point's ratios to the smallest finished point of its preset and axis."""
+    for r in results:
+        peers = [q for q in results if q["preset"] == r["preset"] and q["axis"] == r["axis"] and "seconds" in q]
+        if "seconds" not in r or not peers:
+            continue
+        base = min(peers, key=lambda q: q["rows"] * (q["size"] or 32) ** 2)
+        r["work_ratio"] = r["rows"] * (r["size"] or 32) ** 2 / (base["rows"] * (base["size"] or 32) ** 2)
+        r["time_ratio"] = r["seconds"] / base["seconds"]
+        r["rss_ratio"] = r["rss_gib"] / base["rss_gib"]
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| preset | axis | rows | px | protect s | ms / row | peak RSS GiB | rows x pixels ratio | time ratio | RSS ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        if "seconds" not in r:
+            print(f"| {r['preset']} | {r['axis']} | {r['rows']} | {r['size'] or 32} | failed: {r.get('error', '?')[-80:]} |")
+            continue
+        print(f"| {r['preset']} | {r['axis']} | {r['rows']} | {r['size'] or 32} | {r['seconds']:.1f} | {1000 * r['seconds'] / r['rows']:.1f} "
+              f"| {r['rss_gib']:.2f} | {r['work_ratio']:.0f} | {r['time_ratio']:.2f} | {r['rss_ratio']:.2f} |")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Log-log: protect seconds and peak RSS against rows (left) and pixels per image (right),
+    one line per preset, with a dotted line of slope 1 (linear growth) through each first point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, axis, xlabel in ((axes[0], "rows", "rows (32 px)"), (axes[1], "size", "pixels per image")):
+        for preset in dict.fromkeys(r["preset"] for r in results):
+            done = sorted((r for r in results if r["preset"] == preset and r["axis"] == axis and "seconds" in r),
+                          key=lambda r: r["rows"] * (r["size"] or 32) ** 2)
+            if not done:
+                continue
+            x = [r["rows"] if axis == "rows" else (r["size"] or 32) ** 2 for r in done]
+            line, = ax.loglog(x, [r["seconds"] for r in done], "o-", label=f"{preset}: protect s")
+            ax.loglog(x, [done[0]["seconds"] * v / x[0] for v in x], ":", color=line.get_color(), label=f"{preset}: linear")
+            ax.loglog(x, [r["rss_gib"] * 100 for r in done], "s--", color=line.get_color(), alpha=0.6, label=f"{preset}: peak RSS x100 GiB")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"protect cost against {'rows' if axis == 'rows' else 'image size'} (CPU)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(v) for v in s.split(",") if v]
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--presets", type=lambda s: s.split(","), default=["fast", "default"])
+    parser.add_argument("--rows", type=ints, default=[1000, 5000, 20000])
+    parser.add_argument("--sizes", type=ints, default=[32, 64, 128])
+    parser.add_argument("--size-rows", type=int, default=500, help="rows of the image-size axis")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each protect")
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "cost_cpu.json")
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: the child's side, 'preset,rows,size'
+    args = parser.parse_args()
+
+    if args.point:
+        preset, rows, size = args.point.split(",")
+        print(json.dumps(run_point(args.data, preset, int(rows), int(size) or None, args.threads)))
+        return
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    earlier = json.loads(args.json.read_text())["points"] if args.json.exists() else []
+    done = {point_id(r): r for r in earlier if "seconds" in r}
+    results = []
+    for p in points(args):
+        pid = point_id(p)
+        if pid in done:
+            results.append(done[pid])
+            print(f"{pid}: done earlier, {done[pid]['seconds']:.1f} s", flush=True)
+            continue
+        tic = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--threads", str(args.threads),
+                                "--point", f"{p['preset']},{p['rows']},{p['size'] or 0}"], capture_output=True, text=True)
+        if child.returncode == 0:
+            results.append({**p, **json.loads(child.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - tic})
+            print(f"{pid}: {results[-1]['seconds']:.1f} s, peak RSS {results[-1]['rss_gib']:.2f} GiB", flush=True)
+        else:
+            results.append({**p, "error": child.stderr.strip()[-2000:]})
+            print(f"{pid}: FAILED\n{child.stderr.strip()[-2000:]}", flush=True)
+        args.json.write_text(json.dumps({"machine": f"{args.threads} threads", "points": with_ratios(results)}, indent=2) + "\n")
+    results = with_ratios(results)
+    args.json.write_text(json.dumps({"machine": f"{args.threads} threads", "points": results}, indent=2) + "\n")
+    print_table(results)
+    plot(results, args.json.with_suffix(".png"))
+    print(f"\nwrote {args.json} and {args.json.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
