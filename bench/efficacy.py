@@ -9,6 +9,11 @@ one clean baseline, measured in the same run. Prints a table and writes JSON.
     python bench/efficacy.py                                   # the benchmark (<= 60 min on 2 cores)
     python bench/efficacy.py --n 2000 --epochs 8 --hackers vgg-small,mobilenet-small   # a proxy
     python bench/efficacy.py --variants default,no-gm,no-fd --jobs 4                   # ablations in parallel
+    python bench/efficacy.py --n 50000 --variants default --resume-dir runs/eff50k    # resumable: rerun the same line
+
+With ``--resume-dir`` a run can be interrupted and rerun with the same arguments: each variant's
+protected folder is kept there (``protect`` resumes it), and every finished training (model,
+attack, rows) is appended to ``trainings.jsonl`` there as it ends and not repeated.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -70,6 +78,37 @@ def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[i
     return rows
 
 
+class TrainingLog:
+    """The finished trainings of a resumable run: one JSON line each in ``trainings.jsonl``,
+    appended as each ends. One ``write`` on an append-only file per record, each opened by a
+    newline, so variants training in parallel processes share the file and a record cut by a
+    kill spoils only itself. Without a folder it keeps nothing."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.path = folder / "trainings.jsonl" if folder is not None else None
+
+    def done(self, variant: str) -> list[Training]:
+        """The trainings of ``variant`` (``"clean"``: the clean baseline) finished earlier."""
+        if self.path is None or not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # empty, or cut by a kill
+        return [Training.from_dict(r) for r in records if r["variant"] == variant]
+
+    def add(self, variant: str, training: Training) -> None:
+        if self.path is None:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, ("\n" + json.dumps({"variant": variant, **training.to_dict()})).encode())
+        finally:
+            os.close(fd)
+
+
 def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, baseline: list[Training]) -> dict:
     from datasets import load_dataset
 
@@ -77,18 +116,27 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
     train = load_dataset(str(args.data), split="train").select(rows)
     key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
     config = ProtectConfig(trajectory_epochs=args.epochs, **VARIANTS[name])
-    with tempfile.TemporaryDirectory() as tmp:
+    log = TrainingLog(args.resume_dir)
+    # A kept folder is resumed by protect (same arguments, same bytes); a temporary one is not.
+    with tempfile.TemporaryDirectory() if args.resume_dir is None else nullcontext(str(args.resume_dir / name)) as folder:
+        record = Path(folder) / "protect.json"  # the time of the call that finished protecting, kept for a resumed run
+        resumed = (Path(folder) / "out").exists()
         start = time.perf_counter()
-        out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
-        protect_s = time.perf_counter() - start
-        timings = json.loads((Path(tmp) / "out.uge-state" / "build.json").read_text())["phases_s"]
+        out = protect(train, key, config, output_dir=Path(folder) / "out", verbose=args.verbose)
+        if not record.exists():
+            timings = json.loads((Path(folder) / "out.uge-state" / "build.json").read_text())["phases_s"]
+            record.write_text(json.dumps({"protect_s": time.perf_counter() - start, "phases_s": timings, "resumed": resumed}))
+        kept = json.loads(record.read_text())
+        protect_s, timings, resumed = kept["protect_s"], kept["phases_s"], kept["resumed"]
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     timings["perturb_and_write"] = protect_s - sum(timings.values())
     assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"
     report = evaluate_tensors(clean, protected, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
-                              attacks=["none"] + args.attacks, attacked_models=args.attacked_models, baseline=baseline,
+                              attacks=["none"] + args.attacks, attacked_models=args.attacked_models,
+                              baseline=baseline + log.done(name), on_training=lambda t: log.add(name, t),
                               eval_every=args.eval_every, verbose=args.verbose)
-    return {"variant": name, "config": config.to_dict(), "protect_s": protect_s, "phases_s": timings,
+    # protect_resumed: protect_s covers only the call that finished an interrupted protect.
+    return {"variant": name, "config": config.to_dict(), "protect_s": protect_s, "protect_resumed": resumed, "phases_s": timings,
             "rows": report.to_dicts(), "summary": report.summary()}
 
 
@@ -108,11 +156,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="variants run in parallel (on a GPU machine)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=Path("bench/results/efficacy.json"))
+    parser.add_argument("--resume-dir", type=Path, help="keep protected folders and finished trainings here; rerun to resume")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+    if args.resume_dir is not None:
+        setting = {"n": args.n, "test": args.test, "epochs": args.epochs, "eval_every": args.eval_every, "data": str(args.data.resolve())}
+        args.resume_dir.mkdir(parents=True, exist_ok=True)
+        recorded = args.resume_dir / "setting.json"
+        if recorded.exists() and json.loads(recorded.read_text()) != setting:
+            parser.error(f"{args.resume_dir} holds a run with {recorded.read_text().strip()}, not {json.dumps(setting)}; "
+                         "rerun with those arguments or choose another --resume-dir")
+        recorded.write_text(json.dumps(setting) + "\n")
+    log = TrainingLog(args.resume_dir)
 
     from datasets import load_dataset
 
@@ -133,7 +192,7 @@ def main() -> None:
             [Training(m, "none", "clean", [args.epochs], [acc], 0.0) for m, acc in earlier["clean_acc"].items()]
     else:
         ev = Evaluation(clean, None, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
-                        eval_every=args.eval_every, verbose=args.verbose)
+                        eval_every=args.eval_every, done=log.done("clean"), on_training=lambda t: log.add("clean", t), verbose=args.verbose)
         baseline = [ev.run(name, "none", "clean") for name in ev.models]
         key_train_s = ev.trainings[KEY, "none", "clean"].seconds
     clean_acc = {t.model: t.last_acc for t in baseline}

@@ -333,7 +333,8 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
                      test: tuple[torch.Tensor, torch.Tensor], key: AuthorizedModel, *, hackers: Sequence[str] = DEFAULT_HACKERS,
                      sibling_seeds: Sequence[int] = (7,), attacks: Sequence[str] = ("none",), attacked_models: Optional[Sequence[str]] = None,
                      attack_clean: bool = False, train_config: TrainConfig = TrainConfig(), seed: int = 0, eval_every: int = 1,
-                     baseline: Sequence[Training] = (), verbose: bool = True) -> EvaluationReport:
+                     baseline: Sequence[Training] = (), on_training: Optional[Callable[[Training], None]] = None,
+                     verbose: bool = True) -> EvaluationReport:
     """Train each model on the clean and on the protected set (``uint8 (N, C, H, W)`` tensors
     and ``int64`` labels) with one recipe, and measure clean-test accuracy at the best and the
     last epoch. Rows: the key from θ0, the key's architecture from each of ``sibling_seeds``,
@@ -342,7 +343,8 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
     ``attacked_models`` (default: the hackers), an authorized user's recipe for the key. With
     ``attack_clean`` each attack also trains on the clean rows (what it costs by itself).
     ``baseline`` (trainings of an earlier report of the same run, e.g. its clean ones) are not
-    repeated, so several protected variants share one clean baseline.
+    repeated, so several protected variants share one clean baseline (and a resumed run skips what
+    it finished); ``on_training`` is called after each new training (a benchmark saves it there).
 
     Raises:
         ValueError: an unknown attack or model name, or clean and protected rows that differ in number.
@@ -352,7 +354,7 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
     if unknown:
         raise ValueError(f"attacked_models {unknown} are not in the panel (the key, its siblings and the hackers)")
     ev = Evaluation(clean, protected, test, key, hackers=hackers, sibling_seeds=sibling_seeds, train_config=train_config, seed=seed,
-                    eval_every=eval_every, done=baseline, verbose=verbose)
+                    eval_every=eval_every, done=baseline, on_training=on_training, verbose=verbose)
     for name in ev.models:
         ev.run(name, "none", "clean")
         ev.run(name, "none", "protected")
