@@ -111,8 +111,8 @@ def test_card_fields_parse_back(pushed, protected_dir, key, fast_config, hub_tok
     assert data["configs"][0]["data_files"] == [{"split": "train", "path": sorted(meta["shards"])}]  # exactly these files
     assert data["dataset_info"]["splits"][0]["num_examples"] == 250
     assert "key_architecture" not in block and "convnet" not in card.text  # nothing that narrows a search for the key
-    assert block["key_fingerprint"] == key.fingerprint
-    assert block["key_weights_sha256"] == key.weights_file_sha256 == hashlib.sha256(key._weights_bytes()).hexdigest()
+    assert block["key_fingerprints"] == [key.fingerprint]
+    assert block["key_weights_sha256"] == [key.weights_file_sha256] and key.weights_file_sha256 == hashlib.sha256(key._weights_bytes()).hexdigest()
     assert block["epsilon"] == fast_config.epsilon and block["mode"] == "per-sample"
     assert block["loss_weights"] == {"gm": 1.0, "fd": 1.0, "ud": 0.0, "bind": 0.0}
     assert block["state_fingerprint"] == meta["state_fingerprint"]

@@ -42,7 +42,7 @@ def test_stored_as_png_without_source_paths(protected_dir):
 
 def test_metadata_records_key_config_and_shard_hashes(protected_dir, key, fast_config):
     meta = json.loads((protected_dir / "uge_hf.json").read_text())
-    assert meta["key"]["fingerprint"] == key.fingerprint
+    assert meta["keys"] == [{"fingerprint": key.fingerprint, "weights_sha256": key.weights_file_sha256}]
     assert ProtectConfig.from_dict(meta["config"]) == fast_config
     for name, sha in meta["shards"].items():
         assert sha256_file(protected_dir / name) == sha

@@ -37,14 +37,14 @@ def size_category(num_rows: int) -> str:
 
 def uge_block(metadata: dict) -> dict:
     """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data."""
-    key, cfg = metadata["key"], metadata["config"]
+    keys, cfg = metadata["keys"], metadata["config"]
     block = {
         "version": metadata["uge_hf_version"],
         "method": "ungeneralizable-examples",
-        # The key's hashes and nothing that narrows a search for it (no seed, no repo; the
+        # Each key's hashes and nothing that narrows a search for it (no seed, no repo; the
         # architecture only if the protector opted in), DESIGN.md 2.
-        "key_fingerprint": key["fingerprint"],
-        "key_weights_sha256": key["weights_sha256"],
+        "key_fingerprints": [k["fingerprint"] for k in keys],
+        "key_weights_sha256": [k["weights_sha256"] for k in keys],
         "epsilon": cfg["epsilon"],
         "mode": cfg["mode"],
         "loss_weights": {"gm": cfg["lambda_gm"], "fd": cfg["lambda_fd"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
@@ -57,8 +57,8 @@ def uge_block(metadata: dict) -> dict:
         "efficacy": (metadata.get("efficacy") or {}).get("rows"),
         "efficacy_epochs": (metadata.get("efficacy") or {}).get("epochs"),
     }
-    if "architecture" in key:
-        block.update(key_architecture=key["architecture"], key_num_classes=key["num_classes"])
+    if all("architecture" in k for k in keys):
+        block.update(key_architectures=[k["architecture"] for k in keys], key_num_classes=keys[0]["num_classes"])
     return block
 
 

@@ -53,7 +53,7 @@ def _protect(args) -> int:
     if args.resize:
         overrides["resize"] = args.resize
     config = ProtectConfig.preset(args.preset, **overrides)
-    key = AuthorizedModel.from_pretrained(args.key)  # before the data: a wrong key path fails in a second
+    keys = [AuthorizedModel.from_pretrained(k) for k in args.key]  # before the data: a wrong key path fails in a second
     dataset = args.dataset
     if args.limit is not None or args.split:
         from datasets import load_dataset
@@ -63,7 +63,7 @@ def _protect(args) -> int:
             dataset = dataset.select(range(min(args.limit, len(dataset))))
     source = {"dataset": Path(args.dataset).name, "split": args.split,
               "rows": len(dataset) if args.limit is not None else None, "license": args.license}
-    out = protect(dataset, key, config, output_dir=args.out, splits=args.splits, image_column=args.image_column,
+    out = protect(dataset, keys, config, output_dir=args.out, splits=args.splits, image_column=args.image_column,
                   label_column=args.label_column, overwrite=args.overwrite, output_format=args.format,
                   shard_size=args.shard_size, source=source, disclose_key_architecture=args.disclose_key_architecture,
                   verbose=not args.quiet)
@@ -128,7 +128,8 @@ def _verify(args) -> int:
     from .hub import verify
 
     report = verify(args.dataset, args.key, revision=args.revision, key_revision=args.key_revision)
-    print(f"OK: key {report['key_fingerprint']} matches the card; {report['shards_checked']} data files verified, none unlisted")
+    which = f" (key {report['key_index'] + 1} of {report['num_keys']})" if report["num_keys"] > 1 else ""
+    print(f"OK: key {report['key_fingerprint']} matches the card{which}; {report['shards_checked']} data files verified, none unlisted")
     return 0
 
 
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("protect", help="protect a dataset (folder, Hub id) for a key", **defaults)
     p.add_argument("dataset", help="a local dataset folder or a Hub dataset id")
-    p.add_argument("--key", required=True, help="key folder (from `uge-hf keygen`) or Hub model repo")
+    p.add_argument("--key", required=True, action="append", help="key folder (from `uge-hf keygen`) or Hub model repo; repeat "
+                   "it to authorize several partners, each with a key of its own")
     p.add_argument("--out", required=True, help="new or empty output folder (a Hub dataset repo layout); its private state goes "
                    "beside it, in OUT.uge-state")
     p.add_argument("--split", help="load only this split, and protect it (with --limit: its first rows)")

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .config import ProtectConfig
-from .key import AuthorizedModel
+from .key import AuthorizedModel, authorized_keys
 from .models import create_model
 from .objective import Objective
 from .parallel import Ranks, data_parallel_gradients
@@ -124,13 +124,13 @@ def check_feature_space(config: ProtectConfig, feature_backbone: Optional[nn.Mod
                          "or pass feature_backbone=")
 
 
-def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: AuthorizedModel, config: ProtectConfig, *,
+def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: AuthorizedModel | Sequence[AuthorizedModel], config: ProtectConfig, *,
                        feature_backbone: Optional[nn.Module] = None, cache_dir: Optional[str | os.PathLike] = None,
                        verbose: bool = True) -> SharedState:
     """Build the shared state on clean ``uint8`` images ``(N, C, H, W)`` and labels.
 
-    Trains the key from θ0 (its trajectory), each surrogate, and each of
-    ``config.other_seeds``; with a ``feature_backbone``, computes its class centroids; in
+    Trains each authorized key from its θ0 (its trajectory), each surrogate, and each of
+    ``config.other_seeds`` (of the first key's architecture); with a ``feature_backbone``, computes its class centroids; in
     generator mode, fits the generator. ``cache_dir`` makes the build resumable.
 
     Under a ``torch.distributed`` group (``accelerate launch``) every process must call this
@@ -138,6 +138,10 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     (:mod:`uge_hf.parallel`), and the state is the same bytes as on one process.
     """
     check_feature_space(config, feature_backbone)
+    keys = authorized_keys(keys)
+    key = keys[0]  # all keys share the class count and channels (authorized_keys checks)
+    if config.lambda_bind and len(keys) > 1:
+        raise ValueError("lambda_bind (negative matching on other seeds of one key's architecture) takes a single key")
     ranks = Ranks.current()
     verbose = verbose and ranks.is_main
     cache = private_dir(cache_dir) if cache_dir is not None else None  # holds θ0's trajectory: owner-only
@@ -151,7 +155,9 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
         timings[phase] = timings.get(phase, 0.0) + now - clock
         clock = now
 
-    trajectory = resumable_training("trajectory", key.build(), images, labels, recipe, config.seed, cache, True, verbose, ranks)
+    # One trajectory per key; the first keeps the single-key cache name, so a one-key state is unchanged.
+    trajectories = [resumable_training("trajectory" if i == 0 else f"trajectory-{i}", k.build(), images, labels, recipe, config.seed,
+                                       cache, True, verbose, ranks) for i, k in enumerate(keys)]
     lap("trajectory")
     surrogates = []
     for i, arch in enumerate(config.surrogates):
@@ -169,8 +175,8 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, key: Authoriz
     others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose, ranks)
               for s in config.other_seeds]
     lap("other_seeds")
-    state = SharedState(key.architecture, key.num_classes, key.in_channels, key.fingerprint, config, trajectory, surrogates,
-                        others, centroids, backbone_fp, image_size=tuple(images.shape[-2:]), timings=timings)
+    state = SharedState([k.architecture for k in keys], key.num_classes, key.in_channels, [k.fingerprint for k in keys], config,
+                        trajectories, surrogates, others, centroids, backbone_fp, image_size=tuple(images.shape[-2:]), timings=timings)
     if config.mode == "generator":
         state.generator = fit_generator(state, images, labels, feature_backbone=feature_backbone, cache_dir=cache, verbose=verbose,
                                         ranks=ranks)

@@ -113,25 +113,34 @@ def card_record(folder: Path) -> dict:
 
 def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike, AuthorizedModel], *, revision: Optional[str] = None,
            key_revision: Optional[str] = None, token: Optional[str] = None, trust_mismatch: bool = False) -> dict:
-    """Check a key against a protected dataset's card, and every shard against its hash.
+    """Check a key against a protected dataset's card (any of its keys, when it has several),
+    and every data file against its hash.
 
-    Raises :class:`KeyMismatchError` (showing both hashes) unless ``trust_mismatch=True``,
-    and :class:`TamperedShardError` naming a modified shard.
+    Returns ``{"folder", "key", "key_fingerprint", "key_index", "num_keys", "shards_checked"}``:
+    ``key_index`` is which of the card's keys matched (0-based; ``None`` on a trusted mismatch).
+
+    Raises:
+        KeyMismatchError: the key's hash is none of the card's (both shown), unless
+            ``trust_mismatch=True``.
+        TamperedShardError: a data file was modified, is missing, or is not listed.
     """
     folder = fetch(dataset, revision, token)
     key = authorized_model if isinstance(authorized_model, AuthorizedModel) else \
         AuthorizedModel.from_pretrained(authorized_model, revision=key_revision, token=token)
     record = card_record(folder)
-    if key.fingerprint != record["key_fingerprint"]:
+    recorded = record.get("key_fingerprints") or [record["key_fingerprint"]]  # one key, as uge-hf 0.1.0 wrote it
+    index = recorded.index(key.fingerprint) if key.fingerprint in recorded else None
+    if index is None:
         message = (f"the key does not match this dataset: its weight hash is {key.fingerprint}, the card records "
-                   f"{record['key_fingerprint']}. Use the checkpoint the data owner gave you")
+                   f"{' or '.join(recorded)}. Use the checkpoint the data owner gave you")
         if not trust_mismatch:
             raise KeyMismatchError(message + ", or pass trust_mismatch=True (--trust-mismatch) to load anyway")
         warnings.warn(message + "; loading anyway because trust_mismatch=True: the model will not learn from this data", stacklevel=2)
     metadata = read_metadata(folder)
     if metadata["shards"] != record["shards"]:
         raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
-    return {"folder": folder, "key": key, "key_fingerprint": key.fingerprint, "shards_checked": check_shards(folder, metadata)}
+    return {"folder": folder, "key": key, "key_fingerprint": key.fingerprint, "key_index": index, "num_keys": len(recorded),
+            "shards_checked": check_shards(folder, metadata)}
 
 
 def load_protected(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike, AuthorizedModel], *, revision: Optional[str] = None,

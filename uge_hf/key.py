@@ -14,7 +14,7 @@ import re
 import secrets
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -235,3 +235,20 @@ def refuse_public_repo(api, repo_id: str, repo_type: str, how: str) -> None:
     if not api.repo_info(repo_id, repo_type=repo_type).private:
         raise PermissionError(f"the {repo_type} repo {repo_id} exists and is public, so this push would be public, not private; "
                               f"make the repo private first, push to another repo, or publish on purpose with {how}")
+
+
+def authorized_keys(keys: "AuthorizedModel | Sequence[AuthorizedModel]") -> list["AuthorizedModel"]:
+    """One key or several, as a list: every key a distinct θ0 for the same classes and channels.
+
+    Raises:
+        ValueError: no key, a key given twice, or keys for different class counts or channels.
+    """
+    keys = [keys] if isinstance(keys, AuthorizedModel) else list(keys)
+    if not keys or not all(isinstance(k, AuthorizedModel) for k in keys):
+        raise ValueError("pass an AuthorizedModel, or a list of them (one per authorized partner)")
+    if len({k.fingerprint for k in keys}) < len(keys):
+        raise ValueError("the same key is given twice; each authorized partner needs a key of its own")
+    shapes = {(k.num_classes, k.in_channels) for k in keys}
+    if len(shapes) > 1:
+        raise ValueError(f"the keys disagree on (classes, channels): {sorted(shapes)}; every key must fit the same data")
+    return keys

@@ -40,17 +40,22 @@ class CentroidHead(nn.Module):
 
 
 class Objective:
-    """The UGE objective bound to a shared state on one device: ``objective(x, x_u, y, gen)``."""
+    """The UGE objective bound to a shared state on one device: ``objective(x, x_u, y, gen)``.
+
+    With several authorized keys, each call matches gradients along one key's trajectory
+    (chosen by the caller, or drawn from ``gen``): the search costs the same per step
+    whatever the number of keys, and the keys take turns.
+    """
 
     def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
         self.config, self.num_classes = state.config, state.num_classes
         device = device or default_device()
         on_device = lambda w: {k: v.to(device) for k, v in w.items()}
-        self.key_net = frozen(create_model(state.architecture, state.num_classes, state.in_channels).to(device).train())
-        self.names = matched_parameters(self.key_net)
+        self.key_nets = [frozen(create_model(a, state.num_classes, state.in_channels).to(device).train()) for a in state.architectures]
+        self.names = [matched_parameters(net) for net in self.key_nets]
         # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
-        self.trajectory = [on_device(w) for w in state.trajectory[:-1]] or [on_device(state.trajectory[0])]
-        self.final = on_device(state.trajectory[-1])
+        self.trajectories = [[on_device(w) for w in t[:-1]] or [on_device(t[0])] for t in state.trajectories]
+        self.finals = [on_device(t[-1]) for t in state.trajectories]
         self.others = [[on_device(w) for w in traj[:-1]] for traj in state.other_trajectories]
         self.heads: list[nn.Module] = []
         for arch, weights in state.surrogates:
@@ -66,9 +71,19 @@ class Objective:
         # Terms other than gradient matching: without any, every step must match.
         self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud)
 
-    def __call__(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, gen: torch.Generator, match: bool = True) -> torch.Tensor:
-        """The loss to minimize; ``match=False`` skips the (costly) gradient-matching term."""
+    @property
+    def num_keys(self) -> int:
+        return len(self.key_nets)
+
+    def __call__(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, gen: torch.Generator, match: bool = True,
+                 key: Optional[int] = None) -> torch.Tensor:
+        """The loss to minimize; ``match=False`` skips the (costly) gradient-matching term;
+        ``key`` picks the authorized key whose trajectory is matched (default: drawn from
+        ``gen`` when there are several)."""
         cfg = self.config
+        if key is None:
+            key = int(torch.randint(self.num_keys, (1,), generator=gen)) if self.num_keys > 1 else 0
+        net, names = self.key_nets[key], self.names[key]
         # One crop and flip for both x and x_u (matched gradients must see the same view),
         # so the perturbation is also fitted to survive the hacker's augmentation.
         state = gen.get_state()
@@ -76,16 +91,17 @@ class Objective:
         x = random_crop_flip(x, torch.Generator().set_state(state))
         loss = x_u.new_zeros(())
         if cfg.lambda_gm and match:
-            t = int(torch.randint(len(self.trajectory), (1,), generator=gen))
-            loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_net, self.trajectory[t], x, x_u, y, self.names)
+            trajectory = self.trajectories[key]
+            t = int(torch.randint(len(trajectory), (1,), generator=gen))
+            loss = loss + cfg.lambda_gm * gradient_matching_loss(net, trajectory[t], x, x_u, y, names)
         if cfg.lambda_fd and self.heads:
             loss = loss + cfg.lambda_fd * misalignment_loss(self.heads, x_u, y, self.num_classes)
         if cfg.lambda_ud:
-            loss = loss + cfg.lambda_ud * undistillation_loss(self.key_net, self.final, x_u, y)
+            loss = loss + cfg.lambda_ud * undistillation_loss(net, self.finals[key], x_u, y)
         if cfg.lambda_bind and self.others:
             traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
             t = int(torch.randint(len(traj), (1,), generator=gen))
-            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_net, traj[t], x, x_u, y, self.names)
+            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_nets[0], traj[t], x, x_u, y, self.names[0])
         return loss
 
 
@@ -100,17 +116,21 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
 
     The step decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps
-    find the misaligned direction, small ones settle the gradient match.
+    find the misaligned direction, small ones settle the gradient match. Several keys take
+    turns on the matching steps.
     """
     cfg = objective.config
     eps = cfg.epsilon
     lo, hi = (-x).clamp(min=-eps), (1 - x).clamp(max=eps)
     delta = torch.zeros_like(x) if start is None else (start - x).clamp(lo, hi)
     first = cfg.step_size or eps / 2
+    matched = 0
     for k in range(steps):
         delta.requires_grad_(True)
         match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
-        grad, = torch.autograd.grad(objective(x, x + delta, y, gen, match=match), delta)
+        loss = objective(x, x + delta, y, gen, match=match, key=matched % objective.num_keys)
+        matched += match
+        grad, = torch.autograd.grad(loss, delta)
         alpha = first * (1 - 0.9 * k / max(1, steps - 1))
         delta = torch.max(torch.min(delta.detach() - alpha * grad.sign(), hi), lo)
     return x + delta.detach()

@@ -38,7 +38,7 @@ from .data import (check_color_mode, check_memory, decode_image, encode_png, fin
 from .fitting import check_feature_space
 from .folder import (MANIFEST_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
                      read_fresh, shard_name, split_of, write_metadata)
-from .key import AuthorizedModel
+from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
 
@@ -67,11 +67,11 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
     return out
 
 
-def run_id(key: AuthorizedModel, config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str,
+def run_id(keys: list[AuthorizedModel], config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str,
            layout: dict) -> str:
     """Identity of a run: what must match for a rerun to resume rather than be refused
     (``layout``: shard size, output format, what happens to the other splits)."""
-    parts = [key.fingerprint, config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True)]
+    parts = [*(k.fingerprint for k in keys), config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True)]
     parts += [f"{name}:{ds._fingerprint}:{len(ds)}" for name, ds in sorted(datasets.items())]
     return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
@@ -113,19 +113,23 @@ def protect_shard(transform: UGETransform, dataset: Dataset, rows: range, path: 
     return {"sha256": sha256_file(path), "changed": changed, "values": total}
 
 
-def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[ProtectConfig] = None, *, output_dir: Optional[str | os.PathLike] = None,
+def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedModel], config: Optional[ProtectConfig] = None, *, output_dir: Optional[str | os.PathLike] = None,
             splits: Optional[Sequence[str]] = None, other_splits: str = "copy", fit_split: Optional[str] = None,
             image_column: Optional[str] = None, label_column: Optional[str] = None, feature_backbone: Optional[nn.Module] = None,
             shard_size: int = 5000, output_format: str = "parquet", state_dir: Optional[str | os.PathLike] = None,
             overwrite: bool = False, card_template: Optional[str | os.PathLike] = None, efficacy: Optional[dict] = None,
             source: Optional[dict] = None, disclose_key_architecture: bool = False, verbose: bool = True) -> DatasetDict:
-    """Protect ``dataset`` for ``key`` and write it to ``output_dir`` as a Hub dataset repo.
+    """Protect ``dataset`` for ``key`` (or several keys) and write it to ``output_dir`` as a
+    Hub dataset repo.
 
     Args:
         dataset: a ``Dataset``, ``DatasetDict``, ``IterableDataset`` (a Hub stream), a local
             folder or a Hub id. Images in any mode ``datasets`` decodes to 8 or 16 bits per
             channel, as ``datasets`` shows them (EXIF orientation applied).
-        key: the authorized model.
+        key: the authorized model, or a list of them: one protected release that each of
+            several partners, each with a key of its own (any registered architectures, the
+            same classes and channels), can learn from. The state holds one trajectory per
+            key; the search matches the keys' gradients in turn.
         config: a :class:`ProtectConfig` (default: the benchmarked setting).
         output_dir: where ``data/{split}-{i:05d}-of-{n:05d}.parquet``, ``README.md`` and
             ``uge_hf.json`` go: a new or empty folder, or one an earlier attempt of this very
@@ -144,7 +148,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         overwrite: replace another uge-hf run's files in ``output_dir`` and ``state_dir``.
             Only files uge-hf recorded as its own are ever deleted; a folder holding anything
             else is refused even with ``overwrite``.
-        disclose_key_architecture: record the key's architecture and class count in the
+        disclose_key_architecture: record each key's architecture and class count in the
             public card and ``uge_hf.json``. Off by default: whoever knows the architecture
             holds most of what the key gives (README, threat model).
 
@@ -178,6 +182,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         raise ValueError(f"other_splits must be 'copy' or 'drop', not {other_splits!r}")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of rows, not {shard_size!r}")
+    keys = authorized_keys(key)
+    key = keys[0]  # the keys share classes and channels
     data = resolve_dataset(dataset)
     splits = list(splits) if splits is not None else list(data)
     missing = [s for s in splits if s not in data]
@@ -199,7 +205,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])
     layout = {"shard_size": shard_size, "output_format": output_format, "copied": copied}
-    rid = run_id(key, config, {s: data[s] for s in splits + copied}, columns, fit_split, layout)
+    rid = run_id(keys, config, {s: data[s] for s in splits + copied}, columns, fit_split, layout)
     jobs = []
     for name in splits:
         plan = shard_plan(len(data[name]), config.batch_size, shard_size)
@@ -244,7 +250,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
         if (final_state / "state.json").exists():
             transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
         else:
-            transform = UGETransform.fit(data[fit_split], key, config, image_column=columns[0], label_column=columns[1],
+            transform = UGETransform.fit(data[fit_split], keys, config, image_column=columns[0], label_column=columns[1],
                                          feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
             if accelerator.is_main_process:
                 transform.save_pretrained(final_state)
@@ -283,12 +289,12 @@ def protect(dataset: DatasetLike, key: AuthorizedModel, config: Optional[Protect
                     reencoded.shard(count, i, contiguous=True).to_parquet(str(tmp))
                     os.replace(tmp, path)
                     shards[shard_name(name, i, count)] = sha256_file(path)
-            key_record = {"fingerprint": key.fingerprint, "weights_sha256": key.weights_file_sha256}
-            if disclose_key_architecture:
-                key_record.update(architecture=key.architecture, num_classes=key.num_classes, in_channels=key.in_channels)
+            key_records = [{"fingerprint": k.fingerprint, "weights_sha256": k.weights_file_sha256,
+                            **({"architecture": k.architecture, "num_classes": k.num_classes, "in_channels": k.in_channels}
+                               if disclose_key_architecture else {})} for k in keys]
             metadata = {
                 "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
-                "key": key_record, "config": config.to_dict(), "image_column": columns[0], "label_column": columns[1],
+                "keys": key_records, "config": config.to_dict(), "image_column": columns[0], "label_column": columns[1],
                 "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
                 "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,

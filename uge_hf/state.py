@@ -32,12 +32,12 @@ class SharedState:
     """Everything the transform needs besides the images: built by :func:`build_shared_state`,
     saved by :meth:`save_pretrained`, identified by :attr:`fingerprint`."""
 
-    architecture: str
+    architectures: list[str]  # one per authorized key
     num_classes: int
     in_channels: int
-    key_fingerprint: str
+    key_fingerprints: list[str]
     config: ProtectConfig
-    trajectory: list[dict[str, torch.Tensor]]
+    trajectories: list[list[dict[str, torch.Tensor]]]  # per key: θ0 … θT of its clean training
     surrogates: list[tuple[str, dict[str, torch.Tensor]]]
     other_trajectories: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
     centroids: Optional[torch.Tensor] = None  # for a user-supplied feature backbone
@@ -48,8 +48,9 @@ class SharedState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for t, w in enumerate(self.trajectory):
-            out.update({f"trajectory.{t}.{k}": v for k, v in w.items()})
+        for i, trajectory in enumerate(self.trajectories):
+            for t, w in enumerate(trajectory):
+                out.update({f"trajectory.{i}.{t}.{k}": v for k, v in w.items()})
         for i, (_, w) in enumerate(self.surrogates):
             out.update({f"surrogate.{i}.{k}": v for k, v in w.items()})
         for s, traj in enumerate(self.other_trajectories):
@@ -62,9 +63,9 @@ class SharedState:
         return {k: v.contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict:
-        return {"architecture": self.architecture, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "key_fingerprint": self.key_fingerprint, "config": self.config.to_dict(),
-                "trajectory_length": len(self.trajectory), "surrogates": [a for a, _ in self.surrogates],
+        return {"architectures": self.architectures, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "key_fingerprints": self.key_fingerprints, "config": self.config.to_dict(),
+                "trajectory_lengths": [len(t) for t in self.trajectories], "surrogates": [a for a, _ in self.surrogates],
                 "other_trajectories": [len(t) for t in self.other_trajectories],
                 "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
                 "has_generator": self.generator is not None, "uge_hf_version": __version__}
@@ -101,9 +102,9 @@ class SharedState:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         return cls(
-            architecture=meta["architecture"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-            key_fingerprint=meta["key_fingerprint"], config=ProtectConfig.from_dict(meta["config"]),
-            trajectory=[group(f"trajectory.{t}.") for t in range(meta["trajectory_length"])],
+            architectures=meta["architectures"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+            key_fingerprints=meta["key_fingerprints"], config=ProtectConfig.from_dict(meta["config"]),
+            trajectories=[[group(f"trajectory.{i}.{t}.") for t in range(n)] for i, n in enumerate(meta["trajectory_lengths"])],
             surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
             other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],
             centroids=tensors.get("centroids"), backbone_fingerprint=meta["backbone_fingerprint"],

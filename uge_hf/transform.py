@@ -24,7 +24,7 @@ from . import __version__
 from .config import ProtectConfig
 from .data import encode_png, find_columns, load_tensors, to_pixels, validate_labels
 from .fitting import Generator, build_shared_state
-from .key import AuthorizedModel
+from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
 from .state import SharedState
 from .training import to_float
@@ -85,19 +85,23 @@ class UGETransform:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def fit(cls, dataset, key: AuthorizedModel, config: Optional[ProtectConfig] = None, *, image_column: Optional[str] = None,
+    def fit(cls, dataset, key: AuthorizedModel | Sequence[AuthorizedModel], config: Optional[ProtectConfig] = None, *,
+            image_column: Optional[str] = None,
             label_column: Optional[str] = None, feature_backbone: Optional[nn.Module] = None,
             cache_dir: Optional[str | os.PathLike] = None, verbose: bool = True) -> "UGETransform":
-        """Build the shared state on ``dataset`` (its first ``config.fit_sample`` rows) for ``key``.
+        """Build the shared state on ``dataset`` (its first ``config.fit_sample`` rows) for ``key``
+        (or a list of keys, one per authorized partner).
 
         Under ``accelerate launch`` every process calls it alike and shares the work; each gets
         the same state, byte for byte (see :mod:`uge_hf.parallel`)."""
         config = config or ProtectConfig()
+        keys = authorized_keys(key)
         image_column, label_column = find_columns(dataset, image_column, label_column)
-        validate_labels(dataset, label_column, key.num_classes)
+        validate_labels(dataset, label_column, keys[0].num_classes)
         rows = range(min(len(dataset), config.fit_sample or len(dataset)))
-        images, labels = load_tensors(dataset, image_column, label_column, key.in_channels, rows=rows, size=config.resize, verbose=verbose)
-        state = build_shared_state(images, labels, key, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
+        images, labels = load_tensors(dataset, image_column, label_column, keys[0].in_channels, rows=rows, size=config.resize,
+                                      verbose=verbose)
+        state = build_shared_state(images, labels, keys, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
         return cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -135,7 +139,7 @@ class UGETransform:
 
     def __repr__(self) -> str:
         return (f"UGETransform(mode={self.config.mode!r}, epsilon={self.config.epsilon:.4f}, "
-                f"key={self.state.architecture}:{self.state.key_fingerprint[:12]}…, fingerprint={self.fingerprint[:12]}…)")
+                f"keys={[f[:12] + '…' for f in self.state.key_fingerprints]}, fingerprint={self.fingerprint[:12]}…)")
 
     # -- applying --------------------------------------------------------------------------
     def pixels(self, image: Any) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""Several authorized keys for one protected release (issue 12), on real CIFAR-10 rows."""
+
+import json
+
+import pytest
+from huggingface_hub import DatasetCard
+
+from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, load_protected, protect, verify
+from uge_hf.cli import main
+from uge_hf.hub import KeyMismatchError
+from uge_hf.utils import sha256_file
+
+from .conftest import CIFAR10
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return [AuthorizedModel.create("convnet", 10, seed=1), AuthorizedModel.create("resnet-small", 10, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return ProtectConfig.preset("fast", batch_size=60, trajectory_epochs=1, surrogate_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def two_key_run(tmp_path_factory, cifar, keys, config):
+    out = tmp_path_factory.mktemp("multikey") / "out"
+    protect(cifar["train"].select(range(120)), keys, config, output_dir=out, verbose=False)
+    return out
+
+
+def test_every_key_verifies_and_is_named(two_key_run, keys):
+    for i, key in enumerate(keys):
+        report = verify(two_key_run, key)
+        assert report["key_index"] == i and report["num_keys"] == 2
+        ds, model = load_protected(two_key_run, key)
+        assert len(ds["train"]) == 120 and AuthorizedModel.from_module(key.architecture, model, 10).fingerprint == key.fingerprint
+
+
+def test_a_third_key_is_refused(two_key_run, keys):
+    with pytest.raises(KeyMismatchError, match=" or "):
+        verify(two_key_run, AuthorizedModel.create("convnet", 10, seed=3))
+
+
+def test_card_lists_both_hashes_and_nothing_else_about_the_keys(two_key_run, keys):
+    block = DatasetCard.load(two_key_run / "README.md").data.to_dict()["uge_hf"]
+    assert block["key_fingerprints"] == [k.fingerprint for k in keys]
+    assert block["key_weights_sha256"] == [k.weights_file_sha256 for k in keys]
+    public = (two_key_run / "README.md").read_text() + (two_key_run / "uge_hf.json").read_text()
+    assert "resnet-small" not in public and "convnet" not in public
+
+
+def test_state_holds_one_trajectory_per_key(two_key_run, keys, config):
+    state = UGETransform.from_pretrained(two_key_run.with_name("out.uge-state") / "state").state
+    assert state.key_fingerprints == [k.fingerprint for k in keys]
+    assert [len(t) for t in state.trajectories] == [config.trajectory_epochs + 1] * 2
+
+
+def test_same_bytes_on_rerun(tmp_path, cifar, keys, config, two_key_run):
+    again = tmp_path / "again"
+    protect(cifar["train"].select(range(120)), keys, config, output_dir=again, verbose=False)
+    for name in json.loads((two_key_run / "uge_hf.json").read_text())["shards"]:
+        assert sha256_file(again / name) == sha256_file(two_key_run / name)
+
+
+def test_keys_must_fit_the_same_data_and_be_distinct(cifar, keys, config, tmp_path):
+    rows = cifar["train"].select(range(60))
+    with pytest.raises(ValueError, match="given twice"):
+        protect(rows, [keys[0], keys[0]], config, output_dir=tmp_path / "a", verbose=False)
+    with pytest.raises(ValueError, match="disagree on"):
+        protect(rows, [keys[0], AuthorizedModel.create("convnet", 12, seed=1)], config, output_dir=tmp_path / "b", verbose=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_takes_repeated_keys_and_verify_says_which_matched(tmp_path, keys, capsys):
+    for i, key in enumerate(keys):
+        key.save_pretrained(tmp_path / f"key{i}")
+    out = tmp_path / "out"
+    assert main(["protect", str(CIFAR10), "--split", "train", "--limit", "60", "--key", str(tmp_path / "key0"),
+                 "--key", str(tmp_path / "key1"), "--out", str(out), "--preset", "fast", "--batch-size", "60", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--key", str(tmp_path / "key1")]) == 0
+    assert "(key 2 of 2)" in capsys.readouterr().out
