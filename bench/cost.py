@@ -90,28 +90,31 @@ def print_table(results: list[dict]) -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Log-log: protect seconds and peak RSS against rows (left) and pixels per image (right),
-    one line per preset, with a dotted line of slope 1 (linear growth) through each first point."""
+    """Log-log: protect seconds (top) and peak RSS (bottom) against rows (left) and pixels per
+    image (right), one colour per preset; dotted: linear growth from each first point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, axis, xlabel in ((axes[0], "rows", "rows (32 px)"), (axes[1], "size", "pixels per image")):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for col, (axis, xlabel) in enumerate((("rows", "rows (32 px)"), ("size", f"pixels per image ({results[-1]['rows']} rows)"))):
         for preset in dict.fromkeys(r["preset"] for r in results):
             done = sorted((r for r in results if r["preset"] == preset and r["axis"] == axis and "seconds" in r),
                           key=lambda r: r["rows"] * (r["size"] or 32) ** 2)
             if not done:
                 continue
             x = [r["rows"] if axis == "rows" else (r["size"] or 32) ** 2 for r in done]
-            line, = ax.loglog(x, [r["seconds"] for r in done], "o-", label=f"{preset}: protect s")
-            ax.loglog(x, [done[0]["seconds"] * v / x[0] for v in x], ":", color=line.get_color(), label=f"{preset}: linear")
-            ax.loglog(x, [r["rss_gib"] * 100 for r in done], "s--", color=line.get_color(), alpha=0.6, label=f"{preset}: peak RSS x100 GiB")
-        ax.set_xlabel(xlabel)
-        ax.set_title(f"protect cost against {'rows' if axis == 'rows' else 'image size'} (CPU)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+            line, = axes[0][col].loglog(x, [r["seconds"] for r in done], "o-", label=preset)
+            axes[0][col].loglog(x, [done[0]["seconds"] * v / x[0] for v in x], ":", color=line.get_color(), label=f"{preset}: linear")
+            axes[1][col].loglog(x, [r["rss_gib"] for r in done], "s-", color=line.get_color(), label=preset)
+        axes[0][col].set_ylabel("protect wall time (s)")
+        axes[1][col].set_ylabel("peak RSS (GiB)")
+        for ax in axes[:, col]:
+            ax.set_xlabel(xlabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("uge-hf protect on a CPU: cost against rows and image size")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
