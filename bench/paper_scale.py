@@ -129,7 +129,7 @@ def plan_run(args, timings: dict, perturb_s: float, decode_s: float, n: int, con
     decoding and encoding) + every training (epochs x (steps + one test evaluation)) + a
     reserve, with a 10 % margin on what scales with the epochs. Rows are cut until at least
     --min-epochs fit; if even the smallest panel does not fit beside the search, the search's
-    steps are cut in proportion (at least 2)."""
+    steps are cut in proportion (at least 1: protect itself cannot stop half-way)."""
     steps = math.ceil(n / RECIPES[args.recipe].batch_size)
     epoch_s = {a: t["step_s"] * steps + t["eval_s"] for a, t in timings.items()}
     io_s = n * 5 * decode_s + args.reserve_s  # protect decodes each row 3 times and encodes it once; reading back once more
@@ -147,7 +147,7 @@ def plan_run(args, timings: dict, perturb_s: float, decode_s: float, n: int, con
     search_steps, search_s = config.steps, n * perturb_s
     room = left - least * per_epoch(levels[-1][1])
     if search_s > room:
-        search_steps = min(config.steps, max(2, int(config.steps * max(0.0, room) / search_s)))
+        search_steps = max(1, int(config.steps * max(0.0, room) / search_s))
         search_s *= search_steps / config.steps
     for cut, todo in levels:
         epochs = min(args.epochs, int((left - search_s) / per_epoch(todo)))
