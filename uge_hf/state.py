@@ -96,7 +96,14 @@ class SharedState:
 
     @classmethod
     def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "SharedState":
-        """Rebuild from :meth:`metadata` and :meth:`tensors`."""
+        """Rebuild from :meth:`metadata` and :meth:`tensors`.
+
+        Raises:
+            ValueError: the state was saved by an earlier uge-hf, in another layout.
+        """
+        if "architectures" not in meta:
+            raise ValueError(f"this shared state was saved by uge-hf {meta.get('uge_hf_version', '< 0.1.1')} in an older layout; "
+                             "rebuild it (rerun protect, or UGETransform.fit)")
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
