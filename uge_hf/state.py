@@ -102,7 +102,7 @@ class SharedState:
             ValueError: the state was saved by an earlier uge-hf, in another layout.
         """
         if "architectures" not in meta:
-            raise ValueError(f"this shared state was saved by uge-hf {meta.get('uge_hf_version', '< 0.1.1')} in an older layout; "
+            raise ValueError(f"this shared state was saved by uge-hf {meta.get('uge_hf_version', 'before 0.2')} in an older layout; "
                              "rebuild it (rerun protect, or UGETransform.fit)")
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
