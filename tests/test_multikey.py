@@ -82,3 +82,27 @@ def test_cli_takes_repeated_keys_and_verify_says_which_matched(tmp_path, keys, c
     capsys.readouterr()
     assert main(["verify", str(out), "--key", str(tmp_path / "key1")]) == 0
     assert "(key 2 of 2)" in capsys.readouterr().out
+
+
+def test_evaluate_reports_each_key_and_can_be_made_small(two_key_run, keys, tmp_path, capsys):
+    for i, key in enumerate(keys):
+        key.save_pretrained(tmp_path / f"key{i}")
+    results = tmp_path / "results.json"
+    code = main(["evaluate", str(two_key_run), "--clean", str(CIFAR10), "--key", str(tmp_path / "key0"), "--key", str(tmp_path / "key1"),
+                 "--hackers", "vgg-tiny", "--epochs", "1", "--limit", "60", "--test-size", "200", "--json", str(results), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(results.read_text())
+    assert data["train_rows"] == 60 and data["test_rows"] == 200
+    assert set(data["summary"]["key_ratios"]) == {"key θ0", "key θ0 #2"}
+    assert [r["model"] for r in data["rows"]] == ["key θ0", "key θ0 #2", "key arch, seed 7", "vgg-tiny"]
+
+
+def test_evaluate_refuses_what_it_cannot_compare(two_key_run, keys, tmp_path, cifar, capsys):
+    keys[0].save_pretrained(tmp_path / "key")
+    code = main(["evaluate", str(two_key_run), "--clean", str(CIFAR10), "--key", str(tmp_path / "key"), "--test-split", "validation"])
+    assert code == 2 and "no split 'validation'; its splits are: train, test; pass --test-split" in capsys.readouterr().err
+    shuffled = tmp_path / "shuffled"
+    cifar["train"].select(range(120)).shuffle(seed=0).to_parquet(str(shuffled / "data" / "train-00000-of-00001.parquet"))
+    cifar["test"].select(range(10)).to_parquet(str(shuffled / "data" / "test-00000-of-00001.parquet"))
+    code = main(["evaluate", str(two_key_run), "--clean", str(shuffled), "--key", str(tmp_path / "key")])
+    assert code == 2 and "clean rows do not match the protected ones" in capsys.readouterr().err

@@ -77,43 +77,67 @@ def _evaluate(args) -> int:
     from datasets import load_dataset
 
     from .evaluation import evaluate
-    from .models import DEFAULT_HACKERS
-    from .key import AuthorizedModel
-    from .folder import load_output, read_metadata
+    from .folder import FIGURE_NAME, load_output, read_metadata
     from .hub import verify
+    from .key import AuthorizedModel
+    from .models import DEFAULT_HACKERS
 
-    verify(args.protected, args.key)  # the "key θ0" row means nothing with another key, nor on modified data
+    for key_path in args.key:
+        verify(args.protected, key_path)  # a "key θ0" row means nothing with another key, nor on modified data
+    keys = [AuthorizedModel.from_pretrained(k) for k in args.key]
+    if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
+        raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
     metadata = read_metadata(args.protected)
     split = metadata["protected_splits"][0]
     protected = load_output(Path(args.protected))[split]
     clean = load_dataset(args.clean)
-    clean_train = clean[split].select(range(len(protected)))  # protect --limit keeps the first rows
-    key = AuthorizedModel.from_pretrained(args.key)
-    if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
-        raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
-    report = evaluate(protected, clean[args.test_split], key, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
+    for name in (split, args.test_split):
+        if name not in clean:
+            raise ValueError(f"{args.clean} has no split {name!r}; its splits are: {', '.join(clean)}"
+                             + ("; pass --test-split <one of them>" if name == args.test_split else ""))
+    rows = range(min(len(protected), args.limit or len(protected)))
+    protected, clean_train = protected.select(rows), clean[split].select(rows)  # protect --limit keeps the first rows
+    check_correspondence(clean_train, protected, metadata, keys[0].in_channels)
+    test = clean[args.test_split]
+    test = test.select(range(min(len(test), args.test_size))) if args.test_size else test
+    report = evaluate(protected, test, keys, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
                       epochs=args.epochs, attacks=["none"] + [a for a in args.attacks.split(",") if a], attack_clean=args.attack_clean,
                       eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
     print(json.dumps(report.summary(), indent=2))
-    results = {"rows": report.to_dicts(), "summary": report.summary(), "epochs": args.epochs, "eval_every": args.eval_every}
+    results = {"rows": report.to_dicts(), "summary": report.summary(), "epochs": args.epochs, "eval_every": args.eval_every,
+               "train_rows": len(rows), "test_rows": len(test)}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.figure:
         print(f"wrote the figure to {report.plot(args.figure)}")
     if args.update_card:
         from .card import record_efficacy
-        from .folder import FIGURE_NAME, record_files
 
         try:  # the figure sits next to the table in the card when matplotlib is installed
             report.plot(Path(args.protected) / FIGURE_NAME)
-            record_files(Path(args.protected), [FIGURE_NAME])
             results["figure"] = FIGURE_NAME
         except ImportError as error:
             print(f"the card gets the table only: {error}", file=sys.stderr)
         record_efficacy(args.protected, results)
         print(f"recorded the table in {Path(args.protected) / 'README.md'}")
     return 0
+
+
+def check_correspondence(clean, protected, metadata: dict, channels: int, rows: int = 8) -> None:
+    """The evaluation compares each protected row with the clean row it came from; refuse clean
+    rows that are not those (each protected pixel lies within ε of its clean pixel)."""
+    from .data import load_tensors
+
+    n = min(rows, len(protected))
+    size = tuple(metadata["config"]["resize"]) if metadata["config"].get("resize") else None
+    x, _ = load_tensors(clean, metadata["image_column"], metadata["label_column"], channels, rows=range(n), size=size, verbose=False)
+    x_u, _ = load_tensors(protected, metadata["image_column"], metadata["label_column"], channels, rows=range(n), size=size, verbose=False)
+    budget = round(metadata["config"]["epsilon"] * 255)
+    if x.shape != x_u.shape or (x.int() - x_u.int()).abs().max() > budget:
+        raise ValueError(f"the clean rows do not match the protected ones (first {n} rows differ by more than ε): evaluate compares "
+                         "each protected row with the same row of --clean's split, so pass the dataset that was protected, "
+                         "unshuffled, and protect a prefix of it (protect --limit does)")
 
 
 def _push(args) -> int:
@@ -183,10 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_protect)
 
-    p = sub.add_parser("evaluate", help="train the key and hacker models on clean vs protected data")
+    p = sub.add_parser("evaluate", help="train the key and hacker models on clean vs protected data", **defaults)
     p.add_argument("protected", help="a folder written by `uge-hf protect`")
-    p.add_argument("--clean", required=True, help="the clean dataset it came from")
-    p.add_argument("--key", required=True)
+    p.add_argument("--clean", required=True, help="the clean dataset it came from (its first rows are the ones protected)")
+    p.add_argument("--key", required=True, action="append", help="key folder or Hub model repo; repeat it for a dataset "
+                   "protected for several keys (each gets a row)")
+    p.add_argument("--limit", type=int, help="train on the first N protected rows only (and their clean rows): a quick look")
+    p.add_argument("--test-size", type=int, help="test on the first N rows of the test split only (default: all)")
     p.add_argument("--hackers", help="comma-separated architectures trained as hackers (default: uge_hf.models.DEFAULT_HACKERS)")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
@@ -194,14 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "recipes (recipe-adam, recipe-2x-epochs, recipe-batch-256)")
     p.add_argument("--attack-clean", action="store_true", help="also train each attacked model with the attack on the clean rows "
                    "(what the defense costs by itself)")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=15, help="epochs per training")
     p.add_argument("--eval-every", type=int, default=1, help="test after every k-th epoch and the last (best-epoch accuracy among those)")
     p.add_argument("--figure", help="draw the table as a PNG heatmap here (needs matplotlib: pip install 'uge-hf[plot]')")
-    p.add_argument("--test-split", default="test")
+    p.add_argument("--test-split", default="test", help="the clean split accuracy is measured on")
     p.add_argument("--json", help="write rows and summary here")
     p.add_argument("--update-card", action="store_true", help="record the table in the folder's card and uge_hf.json, "
                    "with the figure as efficacy.png beside it")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("push", help="push a protected folder (shards + card + metadata) to the Hub in one commit", **defaults)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import Attack, get_attack
-from .key import AuthorizedModel
+from .key import AuthorizedModel, authorized_keys
 from .models import DEFAULT_HACKERS, create_model
 from .training import TrainConfig, accuracy, train_model
 
@@ -140,6 +140,7 @@ class EvaluationReport(list):
             "key_ratio": key.ratio if key else None,
             "key_best_ratio": key.best_ratio if key else None,
             "authorized_gap_pt": key.clean_acc - key.protected_acc if key else None,
+            "key_ratios": {r.model: r.ratio for r in plain if r.model.startswith(key_name)},
             "sibling_ratio": sibling[0].ratio if sibling else None,
             "hacker_ratios": {r.model: r.ratio for r in hackers},
             "mean_hacker_ratio": float(np.mean([r.ratio for r in hackers])) if hackers else None,
@@ -202,10 +203,15 @@ def _authorized(attack: str) -> bool:
         return False
 
 
-def model_panel(key: AuthorizedModel, hackers: Sequence[str] = DEFAULT_HACKERS, sibling_seeds: Sequence[int] = (7,)) -> list[tuple[str, Callable[[], nn.Module]]]:
+def model_panel(key: AuthorizedModel | Sequence[AuthorizedModel], hackers: Sequence[str] = DEFAULT_HACKERS,
+                sibling_seeds: Sequence[int] = (7,)) -> list[tuple[str, Callable[[], nn.Module]]]:
     """The evaluated models, by name, each a factory of a freshly initialized module: the key
-    from θ0, the key's architecture from each sibling seed, and each hacker (fixed seeds)."""
-    models = [(KEY, key.build)] + [(f"{SIBLING_PREFIX}, seed {s}", key.sibling(s).build) for s in sibling_seeds]
+    from θ0 (with several keys, ``"key θ0"``, ``"key θ0 #2"``, …), the first key's architecture
+    from each sibling seed, and each hacker (fixed seeds)."""
+    keys = authorized_keys(key)
+    key = keys[0]
+    models = [(KEY, key.build)] + [(f"{KEY} #{i}", k.build) for i, k in enumerate(keys[1:], start=2)]
+    models += [(f"{SIBLING_PREFIX}, seed {s}", key.sibling(s).build) for s in sibling_seeds]
     return models + [(arch, _seeded_factory(arch, key, 1000 + i)) for i, arch in enumerate(hackers)]
 
 
@@ -237,7 +243,7 @@ class Evaluation:
     clean: tuple[torch.Tensor, torch.Tensor] = field(repr=False)
     protected: Optional[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)  # None: a clean baseline only
     test: tuple[torch.Tensor, torch.Tensor] = field(repr=False)
-    key: AuthorizedModel
+    key: AuthorizedModel | Sequence[AuthorizedModel]  # several: each is a row ("key θ0", "key θ0 #2", …)
     hackers: Sequence[str] = DEFAULT_HACKERS
     sibling_seeds: Sequence[int] = (7,)
     train_config: TrainConfig = TrainConfig()
@@ -247,6 +253,7 @@ class Evaluation:
     on_training: Optional[Callable[[Training], None]] = None
     verbose: bool = True
     models: dict = field(init=False, repr=False)  # name -> factory, in panel order
+    num_classes: int = field(init=False, repr=False)
     trainings: dict = field(init=False, repr=False)  # (model, attack, data) -> Training
     _teachers: dict = field(init=False, default_factory=dict, repr=False)
 
@@ -255,6 +262,7 @@ class Evaluation:
             raise ValueError(f"the clean rows ({len(self.clean[1])}) and the protected rows ({len(self.protected[1])}) differ in number; "
                              "pass the clean rows that were protected, in the same order")
         self.models = dict(model_panel(self.key, self.hackers, self.sibling_seeds))
+        self.num_classes = authorized_keys(self.key)[0].num_classes
         self.trainings = {t.key: t for t in self.done}
 
     def run(self, model: str, attack: str = "none", data: str = "protected") -> Training:
@@ -285,7 +293,7 @@ class Evaluation:
         images, labels = self.clean if data == "clean" else self.protected
         start = time.perf_counter()
         model = self.models[name]()
-        images, config, transform = spec.prepare(images, model, self.train_config, num_classes=self.key.num_classes, teacher=teacher)
+        images, config, transform = spec.prepare(images, model, self.train_config, num_classes=self.num_classes, teacher=teacher)
         epochs, accuracies, eval_seconds = [], [], 0.0
 
         def on_epoch_end(epoch: int, m: nn.Module, optimizer) -> None:
@@ -330,7 +338,7 @@ class Evaluation:
 
 
 def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[torch.Tensor, torch.Tensor],
-                     test: tuple[torch.Tensor, torch.Tensor], key: AuthorizedModel, *, hackers: Sequence[str] = DEFAULT_HACKERS,
+                     test: tuple[torch.Tensor, torch.Tensor], key: AuthorizedModel | Sequence[AuthorizedModel], *, hackers: Sequence[str] = DEFAULT_HACKERS,
                      sibling_seeds: Sequence[int] = (7,), attacks: Sequence[str] = ("none",), attacked_models: Optional[Sequence[str]] = None,
                      attack_clean: bool = False, train_config: TrainConfig = TrainConfig(), seed: int = 0, eval_every: int = 1,
                      baseline: Sequence[Training] = (), on_training: Optional[Callable[[Training], None]] = None,
@@ -369,7 +377,7 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
     return ev.report()
 
 
-def evaluate(protected_train, clean_test, key: AuthorizedModel, *, clean_train, hackers: Sequence[str] = DEFAULT_HACKERS,
+def evaluate(protected_train, clean_test, key: AuthorizedModel | Sequence[AuthorizedModel], *, clean_train, hackers: Sequence[str] = DEFAULT_HACKERS,
              epochs: int = 15, attacks: Sequence[str] = ("none",), attack_clean: bool = False, sibling_seeds: Sequence[int] = (7,),
              image_column: Optional[str] = None, label_column: Optional[str] = None, seed: int = 0, eval_every: int = 1,
              verbose: bool = True) -> EvaluationReport:
@@ -386,7 +394,7 @@ def evaluate(protected_train, clean_test, key: AuthorizedModel, *, clean_train, 
 
     def tensors(ds):
         img, lbl = find_columns(ds, image_column, label_column)
-        return load_tensors(ds, img, lbl, key.in_channels, verbose=verbose)
+        return load_tensors(ds, img, lbl, authorized_keys(key)[0].in_channels, verbose=verbose)
 
     if len(clean_train) != len(protected_train):
         raise ValueError(f"clean_train has {len(clean_train)} rows but protected_train has {len(protected_train)}; "

@@ -197,13 +197,6 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
-def record_files(out: Path, names: Iterable[str]) -> None:
-    """Add files this run wrote to ``out``'s manifest (the card's figure, say)."""
-    manifest = json.loads((out / MANIFEST_NAME).read_text()) if (out / MANIFEST_NAME).is_file() else _owned(out)
-    manifest["files"] = sorted(set(manifest["files"]) | set(names))
-    _write_manifest(out, manifest)
-
-
 def _remove_empty_dirs(folder: Path, top: Path) -> None:
     while folder != top and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
