@@ -4,7 +4,6 @@ one or more real inputs each, on real CIFAR-10 rows re-encoded as needed."""
 
 import io
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+from datasets import Array3D, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from huggingface_hub import HfApi
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect, push_to_hub, verify

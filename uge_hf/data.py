@@ -294,7 +294,7 @@ def check_memory(survey: ImageSurvey, *, batch_size: int, fit_rows: int, channel
     }
     what, need = max(needs.items(), key=lambda kv: kv[1])
     if need > 0.8 * available:
-        fix = (f"pass a smaller batch_size (--batch-size) or resize=(width, height) (--resize WxH)" if what == "search"
+        fix = ("pass a smaller batch_size (--batch-size) or resize=(width, height) (--resize WxH)" if what == "search"
                else "pass fit_sample=<rows> (--fit-sample) or resize=(width, height) (--resize WxH)")
         raise ValueError(f"the {what} would need about {need / 2**30:.1f} GiB at {width}x{height} px but the device has "
                          f"{available / 2**30:.1f} GiB; {fix}")

@@ -33,7 +33,7 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 from . import __version__
 from .card import write_card
 from .config import ProtectConfig
-from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, raw_images, reencode_png, survey_images,
+from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
 from .folder import (MANIFEST_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
