@@ -63,7 +63,12 @@ VARIANTS = {
     "gm10-steps20": {"lambda_gm": 10.0, "gm_every": 1, "steps": 20},
     "gm3-fd3-steps20": {"lambda_gm": 3.0, "lambda_fd": 3.0, "gm_every": 1, "steps": 20},
     "gm2-every2-steps20": {"lambda_gm": 2.0, "steps": 20},
+    # Several authorized keys (issue 12): the default setting, protected for each key below.
+    "two-convnets": {},
+    "convnet+resnet-small": {},
 }
+# The authorized keys of a variant, (architecture, seed) each; the first is the benchmark's key.
+KEYS = {"two-convnets": [("convnet", 0), ("convnet", 1)], "convnet+resnet-small": [("convnet", 0), ("resnet-small", 0)]}
 
 
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:
@@ -114,7 +119,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
 
     torch.set_num_threads(args.threads)
     train = load_dataset(str(args.data), split="train").select(rows)
-    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+    keys = [AuthorizedModel.create(arch, num_classes=10, seed=seed) for arch, seed in KEYS.get(name, [("convnet", 0)])]
     config = ProtectConfig(trajectory_epochs=args.epochs, **VARIANTS[name])
     log = TrainingLog(args.resume_dir)
     # A kept folder is resumed by protect (same arguments, same bytes); a temporary one is not.
@@ -122,7 +127,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
         record = Path(folder) / "protect.json"  # the time of the call that finished protecting, kept for a resumed run
         resumed = (Path(folder) / "out").exists()
         start = time.perf_counter()
-        out = protect(train, key, config, output_dir=Path(folder) / "out", verbose=args.verbose)
+        out = protect(train, keys, config, output_dir=Path(folder) / "out", verbose=args.verbose)
         if not record.exists():
             timings = json.loads((Path(folder) / "out.uge-state" / "build.json").read_text())["phases_s"]
             record.write_text(json.dumps({"protect_s": time.perf_counter() - start, "phases_s": timings, "resumed": resumed}))
@@ -131,7 +136,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     timings["perturb_and_write"] = protect_s - sum(timings.values())
     assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"
-    report = evaluate_tensors(clean, protected, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
+    report = evaluate_tensors(clean, protected, test, keys, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
                               attacks=["none"] + args.attacks, attacked_models=args.attacked_models,
                               baseline=baseline + log.done(name), on_training=lambda t: log.add(name, t),
                               eval_every=args.eval_every, verbose=args.verbose)
@@ -216,9 +221,13 @@ def main() -> None:
         by_model = {r["model"]: r for r in res["rows"] if r["attack"] == "none"}
         cells = [f"{by_model[m]['protected_best_acc']:.1f}/{by_model[m]['protected_acc']:.1f} ({by_model[m]['ratio']:.2f})"
                  for m in ["key θ0", "key arch, seed 7", *args.hackers]]
+
         res["protect_over_key_training"] = res["protect_s"] / key_train_s
         print(f"| {res['variant']} | " + " | ".join(cells) + f" | {res['summary']['mean_hacker_ratio']:.2f} | {res['protect_over_key_training']:.2f} |")
-        for r in res["rows"]:
+        for r in res["rows"]:  # the variant's further keys, and the attacks, one line each
+            if r["attack"] == "none" and r["model"].startswith("key θ0 #"):
+                print(f"|   {res['variant']}, {r['model']} (clean {r['clean_acc']:.1f}) | {r['protected_best_acc']:.1f}/{r['protected_acc']:.1f} "
+                      f"({r['ratio']:.2f}) |")
             if r["attack"] != "none":
                 print(f"|   {res['variant']}, {r['model']} after {r['attack']} | {r['protected_best_acc']:.1f}/{r['protected_acc']:.1f} "
                       f"({r['ratio']:.2f}) |")
