@@ -73,3 +73,52 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "uge_hf", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("keygen", "protect", "evaluate", "push", "verify"):
         assert command in out
+
+
+# -- a newcomer's first hour (issue 10): the CLI as a user drives it -------------------------
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "uge_hf", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_version_and_help_answer_at_once():
+    import time
+
+    from uge_hf import __version__
+
+    start = time.perf_counter()
+    assert cli("--version").stdout.strip() == f"uge-hf {__version__}"
+    help_text = cli("protect", "--help").stdout
+    assert time.perf_counter() - start < 3  # no torch, no datasets import for these
+    assert "(default: 5000)" in help_text and "--resize" in help_text and "Exit codes" in cli("--help").stdout
+
+
+def test_bad_resize_and_missing_key_are_one_line_errors(tmp_path):
+    bad = cli("protect", str(CIFAR10), "--key", "k", "--out", str(tmp_path / "o"), "--resize", "64,48")
+    assert bad.returncode == 2 and "'64,48' is not a size; write WxH" in bad.stderr
+    missing = cli("protect", str(CIFAR10), "--key", str(tmp_path / "nokey"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "no key folder" in missing.stderr and "uge-hf keygen" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_quiet_silences_every_bar(key_dir, tmp_path):
+    run = cli("protect", str(CIFAR10), "--split", "train", "--limit", "40", "--key", str(key_dir), "--out", str(tmp_path / "o"),
+              "--preset", "fast", "--batch-size", "20", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "%|" not in run.stderr and "it/s" not in run.stderr  # neither ours nor datasets'
+
+
+def test_ctrl_c_says_how_to_resume(key_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "uge_hf", "protect", str(CIFAR10), "--split", "train", "--limit", "400",
+                             "--key", str(key_dir), "--out", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "o.uge-state" / "run.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "rerun the same command to resume" in err and "Traceback" not in err
