@@ -209,7 +209,9 @@ def main() -> None:
     header = "| variant | key θ0 | key arch, seed 7 | " + " | ".join(args.hackers) + " | mean hacker | protect / key training |"
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
-    print("| clean acc, best/last epoch | " + " | ".join(f"{t.best_acc:.1f}/{t.last_acc:.1f}" for t in baseline) + " | | |", flush=True)
+    by_name = {t.model: t for t in baseline}  # an earlier run's baseline may hold more models than this run's columns
+    print("| clean acc, best/last epoch | " + " | ".join(f"{by_name[m].best_acc:.1f}/{by_name[m].last_acc:.1f}"
+                                                        for m in [KEY, "key arch, seed 7", *args.hackers]) + " | | |", flush=True)
     payload = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
                "clean_trainings": [t.to_dict() for t in baseline],
