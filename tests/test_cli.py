@@ -91,6 +91,14 @@ def test_version_and_help_answer_at_once():
     help_text = cli("protect", "--help").stdout
     assert time.perf_counter() - start < 3  # no torch, no datasets import for these
     assert "(default: 5000)" in help_text and "--resize" in help_text and "Exit codes" in cli("--help").stdout
+    assert "(default: None)" not in help_text and "(default: )" not in help_text
+
+
+def test_the_hacker_panel_in_the_help_is_the_real_one():
+    from uge_hf.cli import HACKERS_HELP
+    from uge_hf.models import DEFAULT_HACKERS
+
+    assert HACKERS_HELP.split(",") == list(DEFAULT_HACKERS)
 
 
 def test_bad_resize_and_missing_key_are_one_line_errors(tmp_path):

@@ -444,3 +444,25 @@ def test_limit_records_the_rows_really_protected(tmp_path, rows, key):
     assert main(["protect", str(small), "--split", "train", "--limit", "1000", "--key", str(tmp_path / "key"),
                  "--out", str(tmp_path / "out"), "--preset", "fast", "--batch-size", "20", "--quiet"]) == 0
     assert json.loads((tmp_path / "out" / "uge_hf.json").read_text())["source"]["rows"] == 40
+
+
+def test_hub_failures_are_one_line_errors(two_shard_run, key, tmp_path, hub_server, capsys):
+    key.save_pretrained(tmp_path / "key")
+    assert main(["verify", "tester/no-such-dataset", "--key", str(tmp_path / "key")]) == 2
+    assert main(["verify", str(tmp_path / "no" / "folder"), "--key", str(tmp_path / "key")]) == 2
+    assert main(["push", str(two_shard_run), "tester/no-token"]) == 2  # no HF_TOKEN: the server answers 401
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and "Traceback" not in "".join(errors)
+    assert "no Hub dataset repo 'tester/no-such-dataset'" in errors[0] and "no folder" in errors[1] and "HF_TOKEN" in errors[2]
+
+
+def test_a_rerun_keeps_the_measured_efficacy(tmp_path, rows, key, fast):
+    from uge_hf.card import record_efficacy
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    rows_ = [{"model": "key θ0", "attack": "none", "clean_acc": 50.0, "protected_acc": 49.0, "ratio": 0.98}]
+    record_efficacy(out, {"rows": rows_, "summary": {}, "epochs": 15})
+    protect(rows, key, fast, output_dir=out, verbose=False)  # same run: resumes, rewrites the card
+    assert json.loads((out / "uge_hf.json").read_text())["efficacy"]["rows"] == rows_
+    assert "## Measured efficacy" in (out / "README.md").read_text()

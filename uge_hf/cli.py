@@ -32,6 +32,19 @@ def _keygen(args) -> int:
     return 0
 
 
+# uge_hf.models.DEFAULT_HACKERS, spelled out so that --help need not import torch (a test keeps them equal).
+HACKERS_HELP = "resnet-small,vgg-small,mobilenet-small,densenet-small,mixer-small"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where there is one to show (not None, empty or off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, "", False) or action.required or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_resize(value: str) -> tuple[int, int]:
     """``"64"`` or ``"64x48"`` (width x height, pixels)."""
     width, _, height = value.lower().partition("x")
@@ -165,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Exit codes: 0 done, 1 key mismatch, 2 bad input, 3 data integrity, 4 folder busy, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"uge-hf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    defaults = {"formatter_class": HelpFormatter}
 
     p = sub.add_parser("keygen", help="create an authorized model (the key): architecture + initial weights", **defaults)
     p.add_argument("--arch", default="convnet", help="architecture of the key (a name of uge_hf.models.list_models())")
@@ -214,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "protected for several keys (each gets a row)")
     p.add_argument("--limit", type=int, help="train on the first N protected rows only (and their clean rows): a quick look")
     p.add_argument("--test-size", type=int, help="test on the first N rows of the test split only (default: all)")
-    p.add_argument("--hackers", help="comma-separated architectures trained as hackers (default: uge_hf.models.DEFAULT_HACKERS)")
+    p.add_argument("--hackers", help=f"comma-separated architectures trained as hackers (default: {HACKERS_HELP})")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
                    "mixup, ueraser, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
@@ -262,8 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .folder import RunInProgressError
     from .hub import KeyMismatchError, TamperedShardError
 
+    from huggingface_hub.errors import HfHubHTTPError
+
     failures = ((KeyMismatchError, EXIT_MISMATCH, "key mismatch"), (TamperedShardError, EXIT_TAMPERED, "data integrity"),
-                (RunInProgressError, EXIT_BUSY, "busy"),
+                (RunInProgressError, EXIT_BUSY, "busy"), (HfHubHTTPError, EXIT_USAGE, "Hub error"),
                 ((ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError), EXIT_USAGE, "error"))
     try:
         return args.func(args)
@@ -273,7 +288,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as error:
         for kinds, code, label in failures:
             if isinstance(error, kinds):
-                print(f"uge-hf {args.command}: {label}: {error}", file=sys.stderr)
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                if isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code in (401, 403):
+                    message += " (log in with `hf auth login`, or set HF_TOKEN to a token that may write there)"
+                print(f"uge-hf {args.command}: {label}: {message}", file=sys.stderr)
                 return code
         raise
 

@@ -50,16 +50,17 @@ def find_columns(dataset: Dataset, image_column: Optional[str] = None, label_col
     columns = ", ".join(features) if features else "(none)"
 
     def pick(name: Optional[str], kind: type, what: str, arg: str) -> str:
+        flag = "--" + arg.replace("_", "-")
         if name is not None:
             if name not in features:
-                raise ValueError(f"column {name!r} not found; columns are: {columns}; pass {arg}=<one of them>")
+                raise ValueError(f"column {name!r} not found; columns are: {columns}; pass {arg}=<one of them> ({flag})")
             return name
         found = [c for c, f in features.items() if isinstance(f, kind)]
         if len(found) == 1:
             return found[0]
         if not found:
-            raise ValueError(f"no {kind.__name__} column found for the {what}; columns are: {columns}; pass {arg}='<column>'")
-        raise ValueError(f"several {kind.__name__} columns ({', '.join(found)}); pass {arg}='<column>' to choose one")
+            raise ValueError(f"no {kind.__name__} column found for the {what}; columns are: {columns}; pass {arg}='<column>' ({flag})")
+        raise ValueError(f"several {kind.__name__} columns ({', '.join(found)}); pass {arg}='<column>' ({flag}) to choose one")
 
     image, label = pick(image_column, Image, "images", "image_column"), pick(label_column, ClassLabel, "labels", "label_column")
     if not isinstance(features[image], Image):
@@ -100,9 +101,9 @@ def validate_labels(dataset: Dataset, label_column: str, num_classes: int) -> No
     feature = dataset.features[label_column]
     if isinstance(feature, ClassLabel) and feature.num_classes > num_classes:
         raise ValueError(f"column {label_column!r} has {feature.num_classes} classes but the key has {num_classes}; "
-                         f"create a key with num_classes={feature.num_classes}")
+                         f"create a key with num_classes={feature.num_classes} (uge-hf keygen --num-classes {feature.num_classes})")
     if not isinstance(feature, (ClassLabel, Value)) or (isinstance(feature, Value) and not feature.dtype.startswith(("int", "uint"))):
-        raise ValueError(f"column {label_column!r} holds {feature}, not integer class labels; pass label_column=<a ClassLabel column>")
+        raise ValueError(f"column {label_column!r} holds {feature}, not integer class labels; pass label_column=<a ClassLabel column> (--label-column)")
     raw = dataset.select_columns([label_column])[label_column]
     missing = [i for i, v in enumerate(raw) if v is None]
     if missing:

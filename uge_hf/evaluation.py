@@ -178,7 +178,7 @@ class EvaluationReport(list):
             i, j = models.index(r.model), attacks.index(r.attack)
             ratios[i, j] = r.ratio
             labels[i][j] = f"{r.ratio:.2f}" + (f"\n[{r.attack_clean_acc / r.clean_acc:.2f}]" if r.attack_clean_acc is not None else "")
-        fig = Figure(figsize=(2.5 + 0.8 * len(attacks), 1.5 + 0.45 * len(models)), dpi=120)
+        fig = Figure(figsize=(max(4.5, 2.5 + 0.8 * len(attacks)), 1.5 + 0.45 * len(models)), dpi=120)  # wide enough for the title
         ax = fig.add_subplot()
         image = ax.imshow(np.ma.masked_invalid(ratios), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         for i in range(len(models)):
@@ -188,7 +188,9 @@ class EvaluationReport(list):
         ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(models)), models, fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
-        ax.set_title(title or "protected-trained / clean-trained accuracy, last epoch\n[the attack on clean rows / clean]", fontsize=9)
+        on_clean = any(r.attack_clean_acc is not None for r in self)
+        ax.set_title(title or "protected-trained / clean-trained\naccuracy, last epoch" + ("\n[the attack on clean rows / clean]" if on_clean else ""),
+                     fontsize=9)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, format="png", metadata={"Software": None})

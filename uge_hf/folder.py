@@ -170,7 +170,7 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
     if replace and not overwrite:
         raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "
                               "(--overwrite) to replace its files (only those uge-hf recorded there are deleted), "
-                              "or choose another output_dir")
+                              "or choose another output_dir (--out)")
     # Same run: only a killed writer's temporary files go (nobody else writes here under the lock).
     doomed = present if replace else [rel for rel in present if rel not in owned_files and rel != MANIFEST_NAME
                                       and not any(rel.startswith(d + "/") for d in owned_dirs)]

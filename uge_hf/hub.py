@@ -17,10 +17,11 @@ from typing import Optional, Union
 import torch.nn as nn
 from datasets import DatasetDict
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi, snapshot_download
+from huggingface_hub.errors import RepositoryNotFoundError
 
 from .card import render_card
 from .folder import CARD_NAME, DATA_FOLDERS, FIGURE_NAME, METADATA_NAME, folder_features, load_output, read_metadata, unlisted_files
-from .key import AuthorizedModel, refuse_public_repo
+from .key import AuthorizedModel, looks_like_repo_id, refuse_public_repo
 from .utils import sha256_file
 
 
@@ -99,7 +100,13 @@ def fetch(dataset: str | os.PathLike, revision: Optional[str], token: Optional[s
     """A local folder for a protected dataset: the folder itself, or a Hub snapshot."""
     if Path(dataset).is_dir():
         return Path(dataset)
-    return Path(snapshot_download(str(dataset), repo_type="dataset", revision=revision, token=token))
+    if not looks_like_repo_id(str(dataset)):
+        raise FileNotFoundError(f"no folder {dataset}: pass a folder written by `uge-hf protect`, or a Hub dataset id")
+    try:
+        return Path(snapshot_download(str(dataset), repo_type="dataset", revision=revision, token=token))
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"no folder {dataset} here, and no Hub dataset repo {str(dataset)!r} you can read (check the name, "
+                                "and log in or set HF_TOKEN for a private repo)") from None
 
 
 def card_record(folder: Path) -> dict:
@@ -134,7 +141,7 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
         message = (f"the key does not match this dataset: its weight hash is {key.fingerprint}, the card records "
                    f"{' or '.join(recorded)}. Use the checkpoint the data owner gave you")
         if not trust_mismatch:
-            raise KeyMismatchError(message + ", or pass trust_mismatch=True (--trust-mismatch) to load anyway")
+            raise KeyMismatchError(message + " (or, in Python, load_protected(..., trust_mismatch=True) to load anyway)")
         warnings.warn(message + "; loading anyway because trust_mismatch=True: the model will not learn from this data", stacklevel=2)
     metadata = read_metadata(folder)
     if metadata["shards"] != record["shards"]:

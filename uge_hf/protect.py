@@ -36,8 +36,8 @@ from .config import ProtectConfig
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
-from .folder import (MANIFEST_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
-                     read_fresh, shard_name, split_of, write_metadata)
+from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
+                     read_fresh, read_metadata, shard_name, split_of, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
@@ -306,6 +306,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                 shutil.rmtree(out / "data")
                 metadata["shards"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
             metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
+            if efficacy is None and (out / METADATA_NAME).is_file():  # a rerun of this very run keeps what evaluate recorded
+                metadata["efficacy"] = read_metadata(out).get("efficacy")
             write_metadata(out, metadata)
             write_card(out, metadata, data[splits[0]].features, template=card_template)
             finish_output(out)
