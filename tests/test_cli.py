@@ -124,9 +124,14 @@ def test_ctrl_c_says_how_to_resume(key_dir, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "uge_hf", "protect", str(CIFAR10), "--split", "train", "--limit", "400",
                              "--key", str(key_dir), "--out", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "o.uge-state" / "run.json").exists() and time.time() < deadline:
+    # Interrupt once the build has checkpointed its first epoch: well past start-up, in the work
+    # a user would stop.
+    checkpoint = tmp_path / "o.uge-state" / "cache" / "trajectory.resume.pt"
+    deadline = time.time() + 180
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    assert checkpoint.exists(), f"the build never checkpointed (exit {proc.poll()})"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and "rerun the same command to resume" in err and "Traceback" not in err
+    assert proc.returncode == 130, f"exit {proc.returncode}; stderr: {err[-2000:]}"
+    assert "rerun the same command to resume" in err and "Traceback" not in err, err
