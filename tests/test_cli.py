@@ -62,6 +62,18 @@ def test_evaluate_prints_a_table_and_writes_json(protected_cli, key_dir, tmp_pat
     assert "## Measured efficacy" in card.text and "vgg-tiny" in card.text
 
 
+def test_evaluate_checks_its_output_paths_before_training(protected_cli, key_dir, tmp_path):
+    run = cli("evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--hackers", "vgg-tiny",
+              "--epochs", "1", "--figure", str(tmp_path / "nodir" / "fig.png"))
+    assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+    assert "key θ0" not in run.stdout  # refused before any training: no table
+
+
+def test_card_tells_the_authorized_user_the_trajectory_length(protected_cli):
+    card = (protected_cli / "README.md").read_text()
+    assert "epochs=2)" in card  # the fast preset's 2-epoch trajectory, not a fixed 15
+
+
 def test_push_and_verify(protected_cli, key_dir, hub_token, tmp_path):
     assert main(["push", str(protected_cli), "tester/cli-uge"]) == 0
     assert main(["verify", "tester/cli-uge", "--key", str(key_dir)]) == 0

@@ -189,6 +189,9 @@ def test_refuses_unparsable_epsilon():
 
 def test_epsilon_parsing():
     assert parse_epsilon("8/255") == 8 / 255 and parse_epsilon(0.5) == 0.5
+    assert parse_epsilon("1.5/255") == 1.5 / 255 and parse_epsilon(" 4 / 255 ") == 4 / 255
+    with pytest.raises(ValueError, match="below one 8-bit level"):  # a fraction, understood, then judged
+        parse_epsilon("0.5/255")
 
 
 def test_user_feature_backbone_joins_the_feature_space(tmp_path, small_train, key):

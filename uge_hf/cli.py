@@ -100,7 +100,16 @@ def _evaluate(args) -> int:
     keys = [AuthorizedModel.from_pretrained(k) for k in args.key]
     if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
         raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
+    for flag, path in (("--json", args.json), ("--figure", args.figure)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist; create it, or pick a path in "
+                                    "an existing folder (checked before training, so no run is lost)")
     metadata = read_metadata(args.protected)
+    trajectory_epochs = metadata["config"].get("trajectory_epochs")
+    if trajectory_epochs and trajectory_epochs != args.epochs:
+        print(f"warning: the key's trajectory was {trajectory_epochs} epochs long and --epochs is {args.epochs}: the key is "
+              f"protected for a training of {trajectory_epochs} epochs; pass --epochs {trajectory_epochs} to measure what the "
+              "authorized user gets", file=sys.stderr)
     split = metadata["protected_splits"][0]
     protected = load_output(Path(args.protected))[split]
     clean = load_dataset(args.clean)
@@ -200,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="protect only the first N rows of --split (default split: train)")
     p.add_argument("--epsilon", help="L-inf budget on the 0-1 pixel scale, e.g. 8/255 or 0.0314 (default of the preset: 8/255)")
     p.add_argument("--preset", default="default", choices=["default", "fast", "key-first"],
-                   help="default: the benchmarked setting; fast: a quick, weaker setting for tries; key-first: favors the key")
+                   help="default: the benchmarked setting; fast: a quick, weaker setting for tries (4 steps, one surrogate, a 2-epoch key trajectory, so the key trains 2 epochs); key-first: favors the key")
     p.add_argument("--mode", choices=["per-sample", "generator"], help="override the preset's perturbation mode")
     p.add_argument("--steps", type=int, help="override the preset's search steps per batch")
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")

@@ -26,7 +26,11 @@ def parse_epsilon(value: str | float) -> float:
     try:
         if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
             raise TypeError
-        eps = float(Fraction(value)) if isinstance(value, str) else float(value)
+        if isinstance(value, str):
+            numerator, slash, denominator = value.partition("/")  # "1.5/255": Fraction takes no decimal numerator
+            eps = float(Fraction(numerator.strip())) / (float(Fraction(denominator.strip())) if slash else 1.0)
+        else:
+            eps = float(value)
     except (TypeError, ValueError, ZeroDivisionError):
         raise ValueError(f"epsilon {value!r} is not a number; write it like 8/255 or 0.0314") from None
     if not 0 < eps <= 1:

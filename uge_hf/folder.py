@@ -165,7 +165,7 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
     foreign = sorted(rel for rel in present if not _is_ours(rel, owned_files, owned_dirs))
     if foreign:
         raise FileExistsError(f"{out} holds files uge-hf did not write ({_listing(foreign)}); uge-hf never deletes or writes "
-                              "beside files it does not own, even with overwrite: choose a new or empty output_dir")
+                              "beside files it does not own, even with overwrite (--overwrite): choose a new or empty output_dir (--out)")
     replace = record is not None and record["run_id"] != run_id
     if replace and not overwrite:
         raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "

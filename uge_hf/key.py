@@ -153,7 +153,8 @@ class AuthorizedModel:
         elif path.exists():
             raise ValueError(f"{path} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         elif not looks_like_repo_id(str(name_or_path)):
-            raise FileNotFoundError(f"no key folder {name_or_path}; create one with `uge-hf keygen --out {name_or_path}`")
+            raise FileNotFoundError(f"no key folder {name_or_path}; pass the folder of the key (to verify or train: the one the data "
+                                    f"owner gave you; to protect with a new key: make one with `uge-hf keygen --out {name_or_path}`)")
         else:
             from huggingface_hub import HfApi, hf_hub_download
             from huggingface_hub.errors import RepositoryNotFoundError
