@@ -107,8 +107,8 @@ def _evaluate(args) -> int:
     metadata = read_metadata(args.protected)
     trajectory_epochs = metadata["config"].get("trajectory_epochs")
     if trajectory_epochs and trajectory_epochs != args.epochs:
-        print(f"warning: the key's trajectory was {trajectory_epochs} epochs long and --epochs is {args.epochs}: the key is "
-              f"protected for a training of {trajectory_epochs} epochs; pass --epochs {trajectory_epochs} to measure what the "
+        print(f"warning: the key's trajectory was {trajectory_epochs} epochs long and --epochs is {args.epochs}: the protection "
+              f"was fitted to a key training of {trajectory_epochs} epochs; pass --epochs {trajectory_epochs} to measure what the "
               "authorized user gets", file=sys.stderr)
     split = metadata["protected_splits"][0]
     protected = load_output(Path(args.protected))[split]
