@@ -113,6 +113,16 @@ def test_the_hacker_panel_in_the_help_is_the_real_one():
     assert HACKERS_HELP.split(",") == list(DEFAULT_HACKERS)
 
 
+def test_the_fast_preset_in_the_help_is_the_real_one():
+    from uge_hf import ProtectConfig
+    from uge_hf.cli import build_parser
+
+    fast = ProtectConfig.preset("fast")
+    preset = next(a for a in build_parser()._subparsers._group_actions[0].choices["protect"]._actions if a.dest == "preset")
+    assert (fast.steps, len(fast.surrogates), fast.trajectory_epochs) == (4, 1, 2)
+    assert "4 steps, one surrogate, a 2-epoch key trajectory" in preset.help
+
+
 def test_bad_resize_and_missing_key_are_one_line_errors(tmp_path):
     bad = cli("protect", str(CIFAR10), "--key", "k", "--out", str(tmp_path / "o"), "--resize", "64,48")
     assert bad.returncode == 2 and "'64,48' is not a size; write WxH" in bad.stderr

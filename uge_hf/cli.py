@@ -101,8 +101,9 @@ def _evaluate(args) -> int:
     if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
         raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
     for flag, path in (("--json", args.json), ("--figure", args.figure)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise FileNotFoundError(f"{flag} {path}: folder {Path(path).resolve().parent} does not exist; create it, or pick a path in "
+        folder = Path(path).resolve().parent if path else None
+        if folder and not folder.is_dir():
+            raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist; create it, or pick a path in "
                                     "an existing folder (checked before training, so no run is lost)")
     metadata = read_metadata(args.protected)
     trajectory_epochs = metadata["config"].get("trajectory_epochs")
