@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset
 
 from uge_hf import ProtectConfig, UGETransform, protect
@@ -221,3 +222,27 @@ def test_refuses_an_empty_feature_space(tmp_path, small_train, key):
     with pytest.raises(ValueError, match="feature space is empty"):
         protect(small_train, key, ProtectConfig.preset("fast", surrogates=()), output_dir=tmp_path / "empty", verbose=False)
     assert not (tmp_path / "empty").exists()
+
+
+def test_binding_matches_only_the_first_checkpoints_of_other_seeds_and_only_on_matching_steps(small_train, key):
+    from dataclasses import replace
+
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective
+    from uge_hf.utils import seeded_generator
+
+    images, labels = load_tensors(small_train, "img", "label", 3, verbose=False)
+    config = ProtectConfig.preset("fast", trajectory_epochs=3, lambda_bind=1.0, other_seeds=(5,), bind_checkpoints=2)
+    state = build_shared_state(images, labels, key, config, verbose=False)
+    assert len(state.other_trajectories[0]) == 4  # θ0 … θ3 of seed 5
+    objective = Objective(state)
+    assert len(objective.others[0]) == 2
+    assert all(torch.equal(objective.others[0][t]["features.1.weight"], state.other_trajectories[0][t]["features.1.weight"]) for t in range(2))
+    assert len(Objective(replace(state, config=replace(config, bind_checkpoints=0))).others[0]) == 3  # all but θ3
+
+    x = images[:16].float() / 255
+    x_u = (x + 4 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
+    unbound = Objective(replace(state, config=replace(config, lambda_bind=0.0)))
+    loss = lambda o, match: float(o(x, x_u, labels[:16], seeded_generator(0, "test"), match=match))
+    assert loss(objective, match=False) == loss(unbound, match=False)  # L_bind costs a gradient match: skipped with it
+    assert loss(objective, match=True) < loss(unbound, match=True)  # -λ·L_bind, and L_bind > 0 for a perturbed batch

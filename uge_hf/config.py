@@ -84,6 +84,9 @@ class ProtectConfig:
     surrogates: tuple[str, ...] = DEFAULT_SURROGATES
     surrogate_epochs: int = 8
     other_seeds: tuple[int, ...] = ()  # trajectories of the key's architecture used by L_bind
+    # L_bind matches only the first k checkpoints of each other seed's trajectory (0: all but the
+    # last), where initializations differ most (bench/binding.py).
+    bind_checkpoints: int = 0
     fit_sample: Optional[int] = None  # rows used to build the shared state; None: all
     # Each optimization step of the build sums this many micro-batches' gradients in a fixed
     # order, so the state is the same bytes on any number of processes up to this (parallel.py).
@@ -102,7 +105,7 @@ class ProtectConfig:
         put = lambda name, value: object.__setattr__(self, name, value)
         put("epsilon", parse_epsilon(self.epsilon))
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
-                              ("micro_batches", 1), ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
+                              ("micro_batches", 1), ("bind_checkpoints", 0), ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind"):

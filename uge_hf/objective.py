@@ -56,7 +56,7 @@ class Objective:
         # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
         self.trajectories = [[on_device(w) for w in t[:-1]] or [on_device(t[0])] for t in state.trajectories]
         self.finals = [on_device(t[-1]) for t in state.trajectories]
-        self.others = [[on_device(w) for w in traj[:-1]] for traj in state.other_trajectories]
+        self.others = [[on_device(w) for w in traj[:-1][:self.config.bind_checkpoints or None]] for traj in state.other_trajectories]
         self.heads: list[nn.Module] = []
         for arch, weights in state.surrogates:
             head = create_model(arch, state.num_classes, state.in_channels)
@@ -98,7 +98,7 @@ class Objective:
             loss = loss + cfg.lambda_fd * misalignment_loss(self.heads, x_u, y, self.num_classes)
         if cfg.lambda_ud:
             loss = loss + cfg.lambda_ud * undistillation_loss(net, self.finals[key], x_u, y)
-        if cfg.lambda_bind and self.others:
+        if cfg.lambda_bind and self.others and match:  # as costly as L_gm: on the matching steps only
             traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
             t = int(torch.randint(len(traj), (1,), generator=gen))
             loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_nets[0], traj[t], x, x_u, y, self.names[0])
