@@ -34,9 +34,9 @@ class AuthorizedModel:
 
     The protection is built so that a model trained from these weights learns from the
     protected data while other architectures do not. It is *not* bound to the exact weights:
-    measured on CIFAR-10 (README, threat model), the key's architecture from another
-    initialization keeps 0.86 of its clean accuracy against the key's 0.88, so the
-    architecture is as secret as θ0. Share the key through a trusted channel and publish only
+    measured on CIFAR-10 (``bench/binding.py``, README threat model), the key's architecture
+    from three other initializations keeps 0.87 of its clean accuracy against the key's 0.85,
+    so the architecture is as secret as θ0. Share the key through a trusted channel and publish only
     its :attr:`fingerprint` (what :func:`uge_hf.protect` records, by default).
 
     Example:
