@@ -145,6 +145,8 @@ def main() -> None:
                         help="the first is the focus: every defense runs on it first")
     parser.add_argument("--pgd-steps", type=int, default=3, help="adversarial training's PGD steps (each costs about one more training)")
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--eot", type=lambda s: tuple(s.split(",")), default=(), help="differentiable defenses the misalignment is "
+                        "averaged over (ProtectConfig.eot: jpeg, grayscale, blur), for the ablation")
     parser.add_argument("--budget-min", type=float, help="skip trainings predicted to end past this many minutes, protection "
                         "included (default 90, 10 with --quick; 0: no limit)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench", help="protected rows, kept for a rerun")
@@ -172,7 +174,7 @@ def main() -> None:
     clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
     test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
     key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
-    config = ProtectConfig.preset(args.preset, trajectory_epochs=args.epochs)
+    config = ProtectConfig.preset(args.preset, trajectory_epochs=args.epochs, eot=args.eot)
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                 "pgd_steps": args.pgd_steps, "key": "convnet seed 0", "epsilon": config.epsilon, "config": config.to_dict()}
 

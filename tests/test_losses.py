@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from uge_hf.losses import (gradient_matching_loss, layerwise_cosine_distance, misalignment_loss, misalignment_target,
@@ -55,3 +56,27 @@ def test_quantize_keeps_every_pixel_within_epsilon_after_rounding():
     wild = clean.float() / 255 + (torch.rand(clean.shape) * 2 - 1) * 0.2
     out = quantize(wild, clean, 8 / 255)
     assert out.dtype == torch.uint8 and (out.int() - clean.int()).abs().max() <= 8
+
+
+def test_defense_views_are_differentiable_seeded_and_change_the_image():
+    from uge_hf.losses import DEFENSE_VIEWS, defense_views
+
+    x_u = X.clone().requires_grad_(True)
+    views = defense_views(x_u, list(DEFENSE_VIEWS), torch.Generator().manual_seed(0))
+    assert views[0] is x_u and len(views) == 1 + len(DEFENSE_VIEWS)
+    for name, view in zip(DEFENSE_VIEWS, views[1:]):
+        assert view.shape == X.shape and float((view - X).abs().mean()) > 1e-3, name
+        grad, = torch.autograd.grad(view.sum(), x_u)
+        assert grad.abs().sum() > 0, name
+    again = defense_views(X, ["jpeg"], torch.Generator().manual_seed(0))[1]
+    assert torch.equal(again, defense_views(X, ["jpeg"], torch.Generator().manual_seed(0))[1])
+    gray = views[1 + list(DEFENSE_VIEWS).index("grayscale")]
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+
+
+def test_config_refuses_an_unknown_eot_defense():
+    from uge_hf import ProtectConfig
+
+    assert ProtectConfig(eot=["jpeg", "blur"]).eot == ("jpeg", "blur")
+    with pytest.raises(ValueError, match="unknown eot defense.*available: jpeg, grayscale, blur"):
+        ProtectConfig(eot=("jpg",))

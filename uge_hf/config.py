@@ -9,6 +9,7 @@ from fractions import Fraction
 from typing import Optional
 
 from .data import MIN_SIDE
+from .losses import DEFENSE_VIEWS
 from .models import DEFAULT_SURROGATES, list_models
 from .training import RECIPES
 
@@ -79,6 +80,9 @@ class ProtectConfig:
     lambda_ud: float = 0.0
     lambda_bind: float = 0.0
     gm_every: int = 2  # gradient matching on every k-th step: it costs 4x the other terms
+    # Differentiable defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, grayscale, blur) whose views of
+    # x_u the misalignment is averaged over, with x_u itself (expectation over transformations).
+    eot: tuple[str, ...] = ()
     # Shared state (fitting.py).
     trajectory_epochs: int = 15
     surrogates: tuple[str, ...] = DEFAULT_SURROGATES
@@ -124,6 +128,10 @@ class ProtectConfig:
         unknown = [s for s in self.surrogates if s not in list_models()]
         if unknown:
             raise ValueError(f"unknown surrogate architecture(s) {unknown}; available: {', '.join(list_models())}")
+        put("eot", tuple(str(v) for v in self.eot))
+        unknown = [v for v in self.eot if v not in DEFENSE_VIEWS]
+        if unknown:
+            raise ValueError(f"unknown eot defense(s) {unknown}; available: {', '.join(DEFENSE_VIEWS)}")
         put("other_seeds", tuple(_integer("other_seeds", v, 0) for v in self.other_seeds))
         if self.resize is not None:
             if isinstance(self.resize, (str, bytes)) or len(self.resize) != 2:

@@ -11,6 +11,9 @@ Every term takes clean images ``x``, protected images ``x_u`` (a function of δ)
   distance did not protect, DESIGN.md 6);
 - :func:`undistillation_loss`: a key trained on the protected data gives soft labels on it
   that carry no dark knowledge a student could distil;
+- :func:`defense_views` gives the views ``L_fd`` is averaged over when the run names
+  differentiable defenses (expectation over transformations, Athalye et al. 2018), so δ is
+  fitted to survive the field's data defenses;
 - the binding term reuses :func:`gradient_matching_loss` with the sign flipped, on
   trajectories of the key's architecture from *other* seeds, so learnability is tied to θ0
   rather than to the architecture.
@@ -18,6 +21,9 @@ Every term takes clean images ``x``, protected images ``x_u`` (a function of δ)
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import kornia
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,6 +84,25 @@ def misalignment_loss(feature_space: list[nn.Module], x_u: torch.Tensor, y: torc
     """
     target = misalignment_target(y, num_classes)
     return sum(F.cross_entropy(head(x_u), target) for head in feature_space) / len(feature_space)
+
+
+def _jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    quality = torch.empty(len(x)).uniform_(10, 50, generator=gen).to(x.device)  # the field's JPEG-10 … JPEG-50
+    return kornia.enhance.jpeg_codec_differentiable(x, quality)
+
+
+# Differentiable stand-ins of the data defenses of uge_hf.attacks: float (N, 3, H, W) in [0, 1] in and out.
+DEFENSE_VIEWS = {
+    "jpeg": _jpeg,  # kornia's differentiable JPEG, a random quality per image
+    "grayscale": lambda x, gen: kornia.color.rgb_to_grayscale(x).expand_as(x),
+    "blur": lambda x, gen: kornia.filters.gaussian_blur2d(x, (3, 3), (1.0, 1.0)),
+}
+
+
+def defense_views(x_u: torch.Tensor, names: Sequence[str], gen: torch.Generator) -> list[torch.Tensor]:
+    """``x_u`` and its image under each named differentiable defense (:data:`DEFENSE_VIEWS`),
+    all differentiable with respect to ``x_u``; random draws come from ``gen``."""
+    return [x_u] + [DEFENSE_VIEWS[name](x_u, gen) for name in names]
 
 
 def undistillation_loss(module: nn.Module, weights: dict[str, torch.Tensor], x_u: torch.Tensor, y: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import gradient_matching_loss, matched_parameters, misalignment_loss, undistillation_loss
+from .losses import defense_views, gradient_matching_loss, matched_parameters, misalignment_loss, undistillation_loss
 from .models import create_model
 from .state import SharedState
 from .training import random_crop_flip
@@ -68,6 +68,8 @@ class Objective:
             if tensors_fingerprint(feature_backbone.state_dict()) != state.backbone_fingerprint:
                 raise ValueError("feature_backbone's weights differ from the backbone the state was built with")
             self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
+        if "grayscale" in self.config.eot and state.in_channels != 3:
+            raise ValueError(f"eot 'grayscale' needs RGB images; these have {state.in_channels} channel(s): drop it from eot")
         # Terms other than gradient matching: without any, every step must match.
         self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud)
 
@@ -95,7 +97,8 @@ class Objective:
             t = int(torch.randint(len(trajectory), (1,), generator=gen))
             loss = loss + cfg.lambda_gm * gradient_matching_loss(net, trajectory[t], x, x_u, y, names)
         if cfg.lambda_fd and self.heads:
-            loss = loss + cfg.lambda_fd * misalignment_loss(self.heads, x_u, y, self.num_classes)
+            views = defense_views(x_u, cfg.eot, gen)
+            loss = loss + cfg.lambda_fd * sum(misalignment_loss(self.heads, v, y, self.num_classes) for v in views) / len(views)
         if cfg.lambda_ud:
             loss = loss + cfg.lambda_ud * undistillation_loss(net, self.finals[key], x_u, y)
         if cfg.lambda_bind and self.others and match:  # as costly as L_gm: on the matching steps only
