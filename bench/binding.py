@@ -35,7 +35,6 @@ Results are written after every training and protected rows are cached, so a rer
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
@@ -47,15 +46,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficacy import DATA, balanced_prefix
-from robustness import protected_rows
+from robustness import cached_rows, protected_rows
 
 from uge_hf import AuthorizedModel, ProtectConfig
 from uge_hf.data import load_tensors
 from uge_hf.evaluation import KEY, Evaluation, Training
 from uge_hf.fitting import build_shared_state
 from uge_hf.models import DEFAULT_SURROGATES, create_model, register_model
-from uge_hf.objective import Objective
+from uge_hf.objective import Objective, decayed_step
 from uge_hf.training import TrainConfig, to_float
+from uge_hf.transform import quantize
 from uge_hf.utils import seeded_generator
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -98,35 +98,27 @@ def colour_secret_rows(args, clean: tuple, key: AuthorizedModel, config: Protect
     """Protect the rows with δ = v·s in the key's null space: signed-gradient descent on the
     scalar field s against the surrogates' misalignment, each channel of v·s within ε and
     x + v·s within [0, 1]. Cached like :func:`robustness.protected_rows`."""
-    tag = hashlib.sha256((config.to_json() + key.fingerprint + str(args.n)).encode()).hexdigest()[:16]
-    cache = args.cache / f"colour-secret-{args.n}-{tag}.pt"
-    if cache.exists():
-        cached = torch.load(cache)
-        return cached["rows"], cached["seconds"]
-    start = time.perf_counter()
-    images, labels = clean
-    state = build_shared_state(images, labels, key, config, verbose=args.verbose)
-    objective = Objective(state)
-    v = key.state_dict["0.direction"].view(1, -1, 1, 1)
-    out = []
-    for b in range(0, len(labels), config.batch_size):
-        x, y = to_float(images[b:b + config.batch_size], torch.device("cpu")), labels[b:b + config.batch_size]
-        gen = seeded_generator(config.seed, "colour-secret", b)
-        lo, hi = (-x).clamp(min=-config.epsilon), (1 - x).clamp(max=config.epsilon)
-        ends = torch.stack([lo / v, hi / v])  # v_c·s within [lo_c, hi_c] for every channel c
-        s_lo, s_hi = ends.amin(0).amax(1, keepdim=True), ends.amax(0).amin(1, keepdim=True)
-        s = torch.zeros_like(x[:, :1])
-        first = config.epsilon / 2 / v.abs().max()
-        for k in range(config.steps):
-            s.requires_grad_(True)
-            grad, = torch.autograd.grad(objective(x, x + v * s, y, gen, match=False), s)
-            s = torch.max(torch.min(s.detach() - first * (1 - 0.9 * k / max(1, config.steps - 1)) * grad.sign(), s_hi), s_lo)
-        out.append(((x + v * s) * 255).round().clamp(0, 255).to(torch.uint8))
-    rows, seconds = (torch.cat(out), labels), time.perf_counter() - start
-    assert (rows[0].int() - images.int()).abs().max() <= round(config.epsilon * 255), "L-inf bound violated"
-    args.cache.mkdir(parents=True, exist_ok=True)
-    torch.save({"rows": rows, "seconds": seconds}, cache)
-    return rows, seconds
+    def make() -> tuple:
+        images, labels = clean
+        objective = Objective(build_shared_state(images, labels, key, config, verbose=args.verbose))
+        v = key.state_dict["0.direction"].view(1, -1, 1, 1)
+        out = []
+        for b in range(0, len(labels), config.batch_size):
+            x, y = to_float(images[b:b + config.batch_size], torch.device("cpu")), labels[b:b + config.batch_size]
+            gen = seeded_generator(config.seed, "colour-secret", b)
+            lo, hi = (-x).clamp(min=-config.epsilon), (1 - x).clamp(max=config.epsilon)
+            ends = torch.stack([lo / v, hi / v])  # v_c·s within [lo_c, hi_c] for every channel c
+            s_lo, s_hi = ends.amin(0).amax(1, keepdim=True), ends.amax(0).amin(1, keepdim=True)
+            s = torch.zeros_like(x[:, :1])
+            first = config.epsilon / 2 / v.abs().max()
+            for k in range(config.steps):
+                s.requires_grad_(True)
+                grad, = torch.autograd.grad(objective(x, x + v * s, y, gen, match=False), s)
+                s = torch.max(torch.min(s.detach() - decayed_step(first, k, config.steps) * grad.sign(), s_hi), s_lo)
+            out.append(quantize(x + v * s, images[b:b + config.batch_size], config.epsilon))
+        return torch.cat(out), labels
+
+    return cached_rows(args, "colour-secret", config.to_json() + key.fingerprint, clean, config.epsilon, make)
 
 
 def excess_colour_direction(protected: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

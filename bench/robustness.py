@@ -92,22 +92,30 @@ def predicted_seconds(ev: Evaluation, model: str, attack: str) -> float | None:
     return train_s * (1.3 if attack == "distill" else 1.1) + eval_s  # distillation adds the teacher's forward pass
 
 
-def protected_rows(args, train, clean: tuple, key: AuthorizedModel, config: ProtectConfig) -> tuple[tuple, float]:
-    """The protected rows, from the cache when an earlier run of the same setting made them."""
-    tag = hashlib.sha256((config.to_json() + str(args.n)).encode()).hexdigest()[:16]
-    cache = args.cache / f"protected-{args.n}-{tag}.pt"
+def cached_rows(args, name: str, setting: str, clean: tuple, epsilon: float, make) -> tuple[tuple, float]:
+    """``make()``'s protected rows and seconds, from ``args.cache`` when an earlier run of the same
+    ``setting`` made them; checked against the L∞ bound before they are kept."""
+    cache = args.cache / f"{name}-{args.n}-{hashlib.sha256((setting + str(args.n)).encode()).hexdigest()[:16]}.pt"
     if cache.exists():
         cached = torch.load(cache)
         return cached["rows"], cached["seconds"]
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
-        seconds = time.perf_counter() - start
-        protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
-    assert (protected[0].int() - clean[0].int()).abs().max() <= round(config.epsilon * 255), "L-inf bound violated"
+    start = time.perf_counter()
+    protected = make()
+    seconds = time.perf_counter() - start
+    assert (protected[0].int() - clean[0].int()).abs().max() <= round(epsilon * 255), "L-inf bound violated"
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.save({"rows": protected, "seconds": seconds}, cache)
     return protected, seconds
+
+
+def protected_rows(args, train, clean: tuple, key: AuthorizedModel, config: ProtectConfig) -> tuple[tuple, float]:
+    """The protected rows, from the cache when an earlier run of the same setting made them."""
+    def make() -> tuple:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
+            return load_tensors(out["train"], "img", "label", 3, verbose=False)
+
+    return cached_rows(args, "protected", config.to_json(), clean, config.epsilon, make)
 
 
 def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> str:

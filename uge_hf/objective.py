@@ -114,6 +114,11 @@ def frozen(module: nn.Module) -> nn.Module:
     return module
 
 
+def decayed_step(first: float, k: int, steps: int) -> float:
+    """The size of signed step ``k`` of ``steps``: ``first``, decayed linearly to a tenth of it."""
+    return first * (1 - 0.9 * k / max(1, steps - 1))
+
+
 def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
                            steps: int, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
@@ -134,6 +139,5 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
         loss = objective(x, x + delta, y, gen, match=match, key=matched % objective.num_keys)
         matched += match
         grad, = torch.autograd.grad(loss, delta)
-        alpha = first * (1 - 0.9 * k / max(1, steps - 1))
-        delta = torch.max(torch.min(delta.detach() - alpha * grad.sign(), hi), lo)
+        delta = torch.max(torch.min(delta.detach() - decayed_step(first, k, steps) * grad.sign(), hi), lo)
     return x + delta.detach()
