@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficacy import DATA, balanced_prefix
-from robustness import cached_rows, protected_rows
+from robustness import cached_rows, protected_rows, setting
 
 from uge_hf import AuthorizedModel, ProtectConfig
 from uge_hf.data import load_tensors
@@ -118,7 +118,7 @@ def colour_secret_rows(args, clean: tuple, key: AuthorizedModel, config: Protect
             out.append(quantize(x + v * s, images[b:b + config.batch_size], config.epsilon))
         return torch.cat(out), labels
 
-    return cached_rows(args, "colour-secret", config.to_json() + key.fingerprint, clean, config.epsilon, make)
+    return cached_rows(args, "colour-secret", setting(config) + key.fingerprint, clean, config.epsilon, make)
 
 
 def excess_colour_direction(protected: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -218,10 +218,10 @@ def main() -> None:
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
     for variant in args.variants:
-        setting = dict(VARIANTS[variant])
-        arch = setting.pop("arch")
+        fields = dict(VARIANTS[variant])
+        arch = fields.pop("arch")
         key = AuthorizedModel.create(arch, num_classes=10, seed=0)
-        config = ProtectConfig(trajectory_epochs=args.epochs, **setting)
+        config = ProtectConfig(trajectory_epochs=args.epochs, **fields)
         if arch == "convnet-colour-secret":
             protected, protect_s = colour_secret_rows(args, clean, key, replace(config, trajectory_epochs=1))  # nothing to match: no trajectory needed
         else:

@@ -25,6 +25,7 @@ the same arguments resumes where it stopped. Prints a table, writes JSON and a P
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
@@ -92,6 +93,13 @@ def predicted_seconds(ev: Evaluation, model: str, attack: str) -> float | None:
     return train_s * (1.3 if attack == "distill" else 1.1) + eval_s  # distillation adds the teacher's forward pass
 
 
+def setting(config: ProtectConfig) -> str:
+    """The fields of ``config`` that differ from ``ProtectConfig()``'s, as JSON: what names a cache
+    and a run, so that a field added to the config later leaves earlier ones valid."""
+    default = ProtectConfig().to_dict()
+    return json.dumps({k: v for k, v in config.to_dict().items() if v != default[k]}, sort_keys=True)
+
+
 def cached_rows(args, name: str, setting: str, clean: tuple, epsilon: float, make) -> tuple[tuple, float]:
     """``make()``'s protected rows and seconds, from ``args.cache`` when an earlier run of the same
     ``setting`` made them; checked against the L∞ bound before they are kept."""
@@ -115,7 +123,7 @@ def protected_rows(args, train, clean: tuple, key: AuthorizedModel, config: Prot
             out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
             return load_tensors(out["train"], "img", "label", 3, verbose=False)
 
-    return cached_rows(args, "protected", config.to_json(), clean, config.epsilon, make)
+    return cached_rows(args, "protected", setting(config), clean, config.epsilon, make)
 
 
 def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> str:
@@ -139,6 +147,20 @@ def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> st
     return "\n".join(lines)
 
 
+def config_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of ``--set``: a tuple field's value is comma-separated, any other is JSON."""
+    name, _, value = text.partition("=")
+    defaults = {f.name: f.default for f in dataclasses.fields(ProtectConfig)}
+    if name not in defaults or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a ProtectConfig field; fields: {', '.join(defaults)}")
+    if isinstance(defaults[name], tuple):
+        return name, tuple(v for v in value.split(",") if v)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a proxy of a few minutes: 1,000 rows, 1,000 test images, 4 epochs, "
@@ -153,8 +175,9 @@ def main() -> None:
                         help="the first is the focus: every defense runs on it first")
     parser.add_argument("--pgd-steps", type=int, default=3, help="adversarial training's PGD steps (each costs about one more training)")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--eot", type=lambda s: tuple(s.split(",")), default=(), help="differentiable defenses the misalignment is "
-                        "averaged over (ProtectConfig.eot: jpeg, grayscale, blur), for the ablation")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=config_override,
+                        help="override a ProtectConfig field of the preset, for an ablation (repeatable): eot=jpeg,grayscale, "
+                        "low_frequency=0.5")
     parser.add_argument("--budget-min", type=float, help="skip trainings predicted to end past this many minutes, protection "
                         "included (default 90, 10 with --quick; 0: no limit)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench", help="protected rows, kept for a rerun")
@@ -182,16 +205,21 @@ def main() -> None:
     clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
     test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
     key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
-    config = ProtectConfig.preset(args.preset, trajectory_epochs=args.epochs, eot=args.eot)
+    config = ProtectConfig.preset(args.preset, **{"trajectory_epochs": args.epochs, **dict(args.set)})
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                 "pgd_steps": args.pgd_steps, "key": "convnet seed 0", "epsilon": config.epsilon, "config": config.to_dict()}
+
+    def same_setting(earlier: dict) -> bool:  # the hackers choose which trainings run, not how: a run resumes with more
+        rest = lambda p: {k: v for k, v in p.items() if k not in ("hackers", "config")}
+        return (rest(earlier) == rest(json.loads(json.dumps(protocol))) and "config" in earlier
+                and setting(ProtectConfig.from_dict(earlier["config"])) == setting(config))
 
     payload = {"protocol": protocol, "trainings": [], "cuts": [], "elapsed_s": 0.0}
     if args.json.exists() and not args.fresh:
         earlier = json.loads(args.json.read_text())
-        if earlier.get("protocol") != json.loads(json.dumps(protocol)):
+        if not same_setting(earlier.get("protocol", {})):
             parser.error(f"{args.json} holds a run of another setting; pass --fresh to replace it or --json to write elsewhere")
-        payload.update(earlier, cuts=[])
+        payload.update(earlier, protocol=protocol, cuts=[])
         print(f"resuming {args.json}: {len(payload['trainings'])} trainings done", flush=True)
     spent = payload["elapsed_s"]
 

@@ -234,15 +234,56 @@ def test_binding_matches_only_the_first_checkpoints_of_other_seeds_and_only_on_m
     images, labels = load_tensors(small_train, "img", "label", 3, verbose=False)
     config = ProtectConfig.preset("fast", trajectory_epochs=3, lambda_bind=1.0, other_seeds=(5,), bind_checkpoints=2)
     state = build_shared_state(images, labels, key, config, verbose=False)
-    assert len(state.other_trajectories[0]) == 4  # θ0 … θ3 of seed 5
+    assert len(state.other_trajectories[0]) == 3  # seed 5 trained 2 of its 3 epochs: θ0, θ1, θ2
+    full = build_shared_state(images, labels, key, replace(config, bind_checkpoints=0), verbose=False)
+    assert len(full.other_trajectories[0]) == 4  # θ0 … θ3
+    assert all(torch.equal(state.other_trajectories[0][t]["features.1.weight"], full.other_trajectories[0][t]["features.1.weight"])
+               for t in range(3))  # the same steps as the full run, on its learning-rate schedule
     objective = Objective(state)
     assert len(objective.others[0]) == 2
     assert all(torch.equal(objective.others[0][t]["features.1.weight"], state.other_trajectories[0][t]["features.1.weight"]) for t in range(2))
-    assert len(Objective(replace(state, config=replace(config, bind_checkpoints=0))).others[0]) == 3  # all but θ3
+    assert len(Objective(full).others[0]) == 3  # all but θ3
 
     x = images[:16].float() / 255
     x_u = (x + 4 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
     unbound = Objective(replace(state, config=replace(config, lambda_bind=0.0)))
-    loss = lambda o, match: float(o(x, x_u, labels[:16], seeded_generator(0, "test"), match=match))
+    loss = lambda o, match: o(x, x_u, labels[:16], seeded_generator(0, "test"), match=match).item()
     assert loss(objective, match=False) == loss(unbound, match=False)  # L_bind costs a gradient match: skipped with it
     assert loss(objective, match=True) < loss(unbound, match=True)  # -λ·L_bind, and L_bind > 0 for a perturbed batch
+
+
+def test_low_frequency_part_of_delta_is_smooth_within_its_share_and_the_budget(small_train, key):
+    from dataclasses import replace
+
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.utils import seeded_generator
+
+    images, labels = load_tensors(small_train, "img", "label", 3, rows=range(32), verbose=False)
+    state = build_shared_state(images, labels, key, ProtectConfig.preset("fast"), verbose=False)
+    x, eps = images.float() / 255, 8 / 255
+
+    def delta(share: float) -> torch.Tensor:
+        objective = Objective(replace(state, config=replace(state.config, low_frequency=share)))
+        x_u = signed_gradient_search(objective, x, labels, seeded_generator(0, "test"), 4)
+        assert x_u.min() >= 0 and x_u.max() <= 1 and (x_u - x).abs().max() <= eps + 1e-6
+        return x_u - x
+
+    def low_band_energy(d: torch.Tensor) -> float:  # share of |FFT|² within 4 cycles per image side (an 8×8 grid's band)
+        spectrum = torch.fft.fft2(d).abs().square()
+        f = torch.fft.fftfreq(32) * 32
+        band = (f.abs()[:, None] <= 4) & (f.abs()[None, :] <= 4)
+        return float(spectrum[..., band].sum() / spectrum.sum())
+
+    per_pixel, mixed, low = (low_band_energy(delta(share)) for share in (0.0, 0.5, 1.0))
+    assert per_pixel < 0.3 < mixed < 0.9 < low  # 0.13, 0.62, 0.95: all, half and none of ε per pixel
+
+
+def test_config_checks_the_low_frequency_share():
+    assert ProtectConfig(low_frequency=0.5).low_frequency_factor == 4
+    with pytest.raises(ValueError, match=r"low_frequency is the share of epsilon.*in \[0, 1\]"):
+        ProtectConfig(low_frequency=1.5)
+    with pytest.raises(ValueError, match="low_frequency_factor must be an integer >= 2"):
+        ProtectConfig(low_frequency=0.5, low_frequency_factor=1)
+    with pytest.raises(ValueError, match="pass refine_steps > 0"):
+        ProtectConfig(low_frequency=0.5, mode="generator")

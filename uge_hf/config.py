@@ -74,6 +74,10 @@ class ProtectConfig:
     step_size: Optional[float] = None  # first signed step; None: epsilon / 2, decayed linearly to a tenth
     batch_size: int = 250  # rows perturbed together; batches are fixed by row index
     resize: Optional[tuple[int, int]] = None  # (width, height) every image is resized to; None: native sizes
+    # Share of ε given to a low-frequency part of δ, searched on a grid low_frequency_factor times
+    # coarser than the image and upsampled (objective.signed_gradient_search); 0: none.
+    low_frequency: float = 0.0
+    low_frequency_factor: int = 4
     # Objective weights (losses.py).
     lambda_gm: float = 1.0
     lambda_fd: float = 1.0
@@ -109,13 +113,19 @@ class ProtectConfig:
         put = lambda name, value: object.__setattr__(self, name, value)
         put("epsilon", parse_epsilon(self.epsilon))
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
-                              ("micro_batches", 1), ("bind_checkpoints", 0), ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
+                              ("micro_batches", 1), ("bind_checkpoints", 0), ("low_frequency_factor", 2),
+                              ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
-        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind"):
+        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency"):
             put(name, _real(name, getattr(self, name), 0.0))
         if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
+        if not 0 <= self.low_frequency <= 1:
+            raise ValueError(f"low_frequency is the share of epsilon given to the low-frequency part of δ, in [0, 1]; got {self.low_frequency!r}")
+        if self.low_frequency and self.mode == "generator" and not self.refine_steps:
+            raise ValueError("low_frequency shapes the per-sample search, which generator mode runs only to refine: "
+                             "pass refine_steps > 0, or low_frequency=0")
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
         if self.fit_sample is not None:

@@ -92,10 +92,11 @@ class Checkpoints:
 
 def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
                        seed: int, cache_dir: Optional[Path], keep_trajectory: bool, verbose: bool,
-                       ranks: Ranks = Ranks()) -> list[dict[str, torch.Tensor]]:
+                       ranks: Ranks = Ranks(), stop_epoch: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
     """Train ``model`` and return its weights after every epoch (or only the last),
-    θ0 first when ``keep_trajectory``. With ``cache_dir`` the job saves a checkpoint after each
-    epoch and a rerun resumes from the last one."""
+    θ0 first when ``keep_trajectory``; ``stop_epoch`` ends it early, as ``train_model`` does.
+    With ``cache_dir`` the job saves a checkpoint after each epoch and a rerun resumes from the
+    last one."""
     snapshot = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
     checkpoints = Checkpoints(cache_dir, name, ranks)
     if (tensors := checkpoints.finished()) is not None:
@@ -112,7 +113,7 @@ def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels
             weights.append(snapshot(m))
         checkpoints.save_epoch({"epoch": epoch, "model": m.state_dict(), "optimizer": optimizer.state_dict(), "weights": weights})
 
-    train_model(model, images, labels, config, seed, start_epoch=start, optimizer_state=opt_state,
+    train_model(model, images, labels, config, seed, start_epoch=start, stop_epoch=stop_epoch, optimizer_state=opt_state,
                 on_epoch_end=on_epoch_end, ranks=ranks, desc=name, verbose=verbose)
     weights = weights if keep_trajectory else [snapshot(model)]
     checkpoints.finish({f"{t}.{k}": v for t, w in enumerate(weights) for k, v in w.items()})
@@ -173,8 +174,9 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         centroids = class_centroids(feature_backbone, images, labels, key.num_classes, device)
         backbone_fp = tensors_fingerprint(feature_backbone.state_dict())
     lap("feature_space")
-    others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose, ranks)
-              for s in config.other_seeds]
+    # L_bind matches θ0 … θ_{k-1} of each other seed (objective.py): k epochs of training give them.
+    others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose, ranks,
+                                 stop_epoch=config.bind_checkpoints or None) for s in config.other_seeds]
     lap("other_seeds")
     state = SharedState([k.architecture for k in keys], key.num_classes, key.in_channels, [k.fingerprint for k in keys], config,
                         trajectories, surrogates, others, centroids, backbone_fp, image_size=tuple(images.shape[-2:]), timings=timings)

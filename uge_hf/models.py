@@ -270,6 +270,8 @@ register_model("densenet40")(lambda num_classes, in_channels: DenseNet(num_class
 register_model("resnet-tiny")(lambda num_classes, in_channels: ResNet(num_classes, in_channels, (1, 1), (32, 64)))
 register_model("vgg-tiny")(lambda num_classes, in_channels: VGG(num_classes, in_channels, (32, "M", 64, "M", 128)))
 register_model("mixer-tiny")(lambda num_classes, in_channels: MLPMixer(num_classes, in_channels, dim=64, depth=2))
+register_model("vit-micro")(lambda num_classes, in_channels: ViT(num_classes, in_channels, dim=64, depth=2, heads=2))
+register_model("densenet-tiny")(lambda num_classes, in_channels: DenseNet(num_classes, in_channels, growth=12, layers_per_block=2))
 
 DEFAULT_HACKERS = ("resnet-small", "vgg-small", "mobilenet-small", "densenet-small", "mixer-small")
 DEFAULT_SURROGATES = ("resnet-tiny", "vgg-tiny", "mixer-tiny")

@@ -123,21 +123,45 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
                            steps: int, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
 
-    The step decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps
-    find the misaligned direction, small ones settle the gradient match. Several keys take
-    turns on the matching steps.
+    ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
+    decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
+    misaligned direction, small ones settle the gradient match. Several keys take turns on
+    the matching steps. ``start`` (a generator's output) seeds δ.
+
+    With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
+    ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
+    s·ε; δ_high keeps (1 - s)·ε, so ``‖δ‖∞ ≤ ε`` still holds. JPEG and smoothing remove high
+    frequencies, which a low-frequency component survives (the subspace of Guo et al. 2018,
+    "Low Frequency Adversarial Perturbation"). Each part's step is its share of the step.
     """
     cfg = objective.config
     eps = cfg.epsilon
-    lo, hi = (-x).clamp(min=-eps), (1 - x).clamp(max=eps)
-    delta = torch.zeros_like(x) if start is None else (start - x).clamp(lo, hi)
+    eps_low = cfg.low_frequency * eps
+    height, width = x.shape[-2:]
+    # Each part of δ: (value, lower bound, upper bound, share of the step).
+    high_lo, high_hi = (-x).clamp(min=-(eps - eps_low)), (1 - x).clamp(max=eps - eps_low)
+    high = torch.zeros_like(x) if start is None else (start - x).clamp(high_lo, high_hi)
+    parts = [(high, high_lo, high_hi, (eps - eps_low) / eps)]
+    if eps_low:
+        f = cfg.low_frequency_factor
+        parts.append((x.new_zeros(*x.shape[:-2], -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
+
+    def perturbed(deltas: list[torch.Tensor]) -> torch.Tensor:
+        if len(deltas) == 1:  # δ_high alone is within the image's box already
+            return x + deltas[0]
+        low = F.interpolate(deltas[1], size=(height, width), mode="bilinear", align_corners=False)
+        return (x + deltas[0] + low).clamp(0, 1)
+
     first = cfg.step_size or eps / 2
     matched = 0
     for k in range(steps):
-        delta.requires_grad_(True)
+        deltas = [d.requires_grad_(True) for d, *_ in parts]
         match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
-        loss = objective(x, x + delta, y, gen, match=match, key=matched % objective.num_keys)
+        loss = objective(x, perturbed(deltas), y, gen, match=match, key=matched % objective.num_keys)
         matched += match
-        grad, = torch.autograd.grad(loss, delta)
-        delta = torch.max(torch.min(delta.detach() - decayed_step(first, k, steps) * grad.sign(), hi), lo)
-    return x + delta.detach()
+        grads = torch.autograd.grad(loss, deltas)
+        step = decayed_step(first, k, steps)
+        parts = [(torch.clamp(d.detach() - share * step * g.sign(), lo, hi), lo, hi, share)
+                 for (d, lo, hi, share), g in zip(parts, grads)]
+    with torch.no_grad():
+        return perturbed([d for d, *_ in parts])

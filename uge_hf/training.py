@@ -104,6 +104,7 @@ def train_model(
     *,
     device: Optional[torch.device] = None,
     start_epoch: int = 0,
+    stop_epoch: Optional[int] = None,
     optimizer_state: Optional[dict] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module, torch.optim.Optimizer], None]] = None,
     batch_transform: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]] = None,
@@ -116,7 +117,8 @@ def train_model(
     Each epoch's shuffle and augmentation come from a generator seeded by ``(seed, epoch)``,
     and the learning rate is a function of the global step, so a run resumed at an epoch
     boundary (``start_epoch`` plus ``optimizer_state``, as saved by ``on_epoch_end``) takes
-    exactly the steps an uninterrupted one does.
+    exactly the steps an uninterrupted one does. ``stop_epoch`` ends the run before that epoch,
+    on the schedule of all ``config.epochs``: the first checkpoints of a full run, for less.
 
     ``batch_transform(x, y, generator)`` changes each batch after crop and flip (the training
     defenses of :mod:`uge_hf.attacks`) and returns ``(x, targets)``: class indices ``(N,)`` or
@@ -150,8 +152,9 @@ def train_model(
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
     labels = labels.to(device)
-    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, desc=desc, verbose=verbose)
-    for epoch in range(start_epoch, config.epochs):
+    stop_epoch = config.epochs if stop_epoch is None else min(stop_epoch, config.epochs)
+    bar = progress_bar(total=stop_epoch * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc, verbose=verbose)
+    for epoch in range(start_epoch, stop_epoch):
         model.train()  # on_epoch_end may have evaluated it
         gen = seeded_generator(seed, epoch)
         order = torch.randperm(n, generator=gen)
