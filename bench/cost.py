@@ -97,7 +97,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    # One y scale per row: flat memory against rows reads as flat beside its growth with pixels.
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row", constrained_layout=True)
     for col, (axis, xlabel) in enumerate((("rows", "rows (32 px)"), ("size", f"pixels per image ({results[-1]['rows']} rows)"))):
         for preset in dict.fromkeys(r["preset"] for r in results):
             done = sorted((r for r in results if r["preset"] == preset and r["axis"] == axis and "seconds" in r),

@@ -66,9 +66,14 @@ VARIANTS = {
     # Several authorized keys (issue 12): the default setting, protected for each key below.
     "two-convnets": {},
     "convnet+resnet-small": {},
+    # The misalignment fools resnet-tiny, a surrogate of the resnet-small key's family: without it
+    # (and the one-key run without it, for the hackers' comparison).
+    "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
+    "no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
 }
 # The authorized keys of a variant, (architecture, seed) each; the first is the benchmark's key.
-KEYS = {"two-convnets": [("convnet", 0), ("convnet", 1)], "convnet+resnet-small": [("convnet", 0), ("resnet-small", 0)]}
+KEYS = {"two-convnets": [("convnet", 0), ("convnet", 1)], "convnet+resnet-small": [("convnet", 0), ("resnet-small", 0)],
+        "convnet+resnet-small-no-resnet-sur": [("convnet", 0), ("resnet-small", 0)]}
 
 
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:

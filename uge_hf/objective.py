@@ -126,7 +126,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
     decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
     misaligned direction, small ones settle the gradient match. Several keys take turns on
-    the matching steps. ``start`` (a generator's output) seeds δ.
+    the matching steps. ``start`` (a generator's output) seeds δ (its per-pixel part).
 
     With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
     ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
