@@ -25,7 +25,6 @@ the same arguments resumes where it stopped. Prints a table, writes JSON and a P
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import re
@@ -150,7 +149,7 @@ def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> st
 def config_override(text: str) -> tuple[str, object]:
     """``FIELD=VALUE`` of ``--set``: a tuple field's value is comma-separated, any other is JSON."""
     name, _, value = text.partition("=")
-    defaults = {f.name: f.default for f in dataclasses.fields(ProtectConfig)}
+    defaults = ProtectConfig().to_dict()
     if name not in defaults or not value:
         raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a ProtectConfig field; fields: {', '.join(defaults)}")
     if isinstance(defaults[name], tuple):
