@@ -280,9 +280,8 @@ def main() -> None:
         build = Path(tmp) / "out.uge-state" / "build.json"
         build_phases = json.loads(build.read_text())["phases_s"] if build.exists() else {}
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
-    budget = math.floor(config.epsilon * 255 + 1e-6)
     assert torch.equal(protected[1], clean[1]), "labels changed"
-    assert (protected[0].int() - clean[0].int()).abs().max() <= budget, "L-inf bound violated"
+    assert (protected[0].int() - clean[0].int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
     payload["protect"] = {"seconds": protect_s, "images_per_s": n / protect_s, "build_phases_s": build_phases,
                           "perturb_and_write_s": protect_s - sum(build_phases.values()),
                           "images_per_s_perturb_and_write": n / max(1e-9, protect_s - sum(build_phases.values()))}

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from uge_hf.config import ProtectConfig
 from uge_hf.losses import (gradient_matching_loss, layerwise_cosine_distance, misalignment_loss, misalignment_target,
                            undistillation_loss)
 from uge_hf.models import create_model
@@ -54,8 +55,11 @@ def test_undistillation_is_zero_when_wrong_classes_are_uniform():
 def test_quantize_keeps_every_pixel_within_epsilon_after_rounding():
     clean = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     wild = clean.float() / 255 + (torch.rand(clean.shape) * 2 - 1) * 0.2
-    out = quantize(wild, clean, 8 / 255)
-    assert out.dtype == torch.uint8 and (out.int() - clean.int()).abs().max() <= 8
+    budget = ProtectConfig(epsilon="8/255").epsilon_levels
+    out = quantize(wild, clean, budget)
+    assert budget == 8 and out.dtype == torch.uint8 and (out.int() - clean.int()).abs().max() == 8
+    # A budget between levels rounds down: no pixel may leave the ε-ball.
+    assert [ProtectConfig(epsilon=e).epsilon_levels for e in (1 / 255, 8.6 / 255, 16 / 255)] == [1, 8, 16]
 
 
 def test_defense_views_are_differentiable_seeded_and_change_the_image():

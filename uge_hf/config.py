@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
@@ -155,6 +156,12 @@ class ProtectConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
         return replace(cls(**PRESETS[name]), **overrides)
+
+    @property
+    def epsilon_levels(self) -> int:
+        """ε in whole 8-bit levels: the most any ``uint8`` pixel of the output differs from its
+        clean one (ε·255 rounded down, with slack for the float error of k/255)."""
+        return math.floor(self.epsilon * 255 + 1e-6)
 
     def to_dict(self) -> dict:
         return asdict(self)

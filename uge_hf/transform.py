@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -43,9 +42,8 @@ def fork_safe_threads() -> None:
         torch.set_num_threads(1)
 
 
-def quantize(x_u: torch.Tensor, clean: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Round to ``uint8`` and keep every pixel within ε of the clean one *after* rounding."""
-    budget = math.floor(epsilon * 255 + 1e-6)
+def quantize(x_u: torch.Tensor, clean: torch.Tensor, budget: int) -> torch.Tensor:
+    """Round to ``uint8`` and keep every pixel within ``budget`` levels (ε) of the clean one *after* rounding."""
     rounded = (x_u * 255).round().cpu().to(torch.int16)
     clean = clean.to(torch.int16)
     return torch.max(torch.min(rounded, clean + budget), clean - budget).clamp(0, 255).to(torch.uint8)
@@ -176,7 +174,7 @@ class UGETransform:
                     start = torch.cat([self._generator(xc, yc, cfg.epsilon)
                                        for xc, yc in zip(x.split(GENERATOR_CHUNK), y.split(GENERATOR_CHUNK))])
                 x_u = signed_gradient_search(self._objective, x, y, gen, cfg.refine_steps, start) if cfg.refine_steps else start
-            for i, protected in zip(idx, quantize(x_u, clean, cfg.epsilon)):
+            for i, protected in zip(idx, quantize(x_u, clean, cfg.epsilon_levels)):
                 out[i] = protected
         return out
 
