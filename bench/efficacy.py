@@ -10,6 +10,7 @@ one clean baseline, measured in the same run. Prints a table and writes JSON.
     python bench/efficacy.py --n 2000 --epochs 8 --hackers vgg-small,mobilenet-small   # a proxy
     python bench/efficacy.py --variants default,no-gm,no-fd --jobs 4                   # ablations in parallel
     python bench/efficacy.py --n 50000 --variants default --resume-dir runs/eff50k    # resumable: rerun the same line
+    python bench/efficacy.py --key resnet-small --variants default                    # another key architecture
 
 With ``--resume-dir`` a run can be interrupted and rerun with the same arguments: each variant's
 protected folder is kept there (``protect`` resumes it), and every finished training (model,
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import sys
@@ -71,9 +71,9 @@ VARIANTS = {
     "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
     "no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
 }
-# The authorized keys of a variant, (architecture, seed) each; the first is the benchmark's key.
-KEYS = {"two-convnets": [("convnet", 0), ("convnet", 1)], "convnet+resnet-small": [("convnet", 0), ("resnet-small", 0)],
-        "convnet+resnet-small-no-resnet-sur": [("convnet", 0), ("resnet-small", 0)]}
+# The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
+KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
+        "convnet+resnet-small-no-resnet-sur": [("resnet-small", 0)]}
 
 
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:
@@ -124,7 +124,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
 
     torch.set_num_threads(args.threads)
     train = load_dataset(str(args.data), split="train").select(rows)
-    keys = [AuthorizedModel.create(arch, num_classes=10, seed=seed) for arch, seed in KEYS.get(name, [("convnet", 0)])]
+    keys = [AuthorizedModel.create(arch, num_classes=10, seed=seed) for arch, seed in [(args.key, 0), *KEYS.get(name, [])]]
     config = ProtectConfig(trajectory_epochs=args.epochs, **VARIANTS[name])
     log = TrainingLog(args.resume_dir)
     # A kept folder is resumed by protect (same arguments, same bytes); a temporary one is not.
@@ -140,7 +140,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
         protect_s, timings, resumed = kept["protect_s"], kept["phases_s"], kept["resumed"]
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     timings["perturb_and_write"] = protect_s - sum(timings.values())
-    assert (protected[0].int() - clean[0].int()).abs().max() <= math.floor(config.epsilon * 255 + 1e-6), "L-inf bound violated"
+    assert (protected[0].int() - clean[0].int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
     report = evaluate_tensors(clean, protected, test, keys, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
                               attacks=["none"] + args.attacks, attacked_models=args.attacked_models,
                               baseline=baseline + log.done(name), on_training=lambda t: log.add(name, t),
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--test", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--key", default="convnet", help="the benchmark key's architecture (seed 0); a variant's further keys follow it")
     parser.add_argument("--hackers", type=lambda s: s.split(","), default=list(DEFAULT_HACKERS))
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "generator"])
     parser.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=[])
@@ -174,7 +175,9 @@ def main() -> None:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
 
     if args.resume_dir is not None:
-        setting = {"n": args.n, "test": args.test, "epochs": args.epochs, "eval_every": args.eval_every, "data": str(args.data.resolve())}
+        # The key enters only when it is not the default, so runs from before --key still resume.
+        setting = {"n": args.n, "test": args.test, "epochs": args.epochs, "eval_every": args.eval_every, "data": str(args.data.resolve()),
+                   **({"key": args.key} if args.key != "convnet" else {})}
         args.resume_dir.mkdir(parents=True, exist_ok=True)
         recorded = args.resume_dir / "setting.json"
         if recorded.exists() and json.loads(recorded.read_text()) != setting:
@@ -190,12 +193,15 @@ def main() -> None:
     rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
     clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
     test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
-    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
+    key = AuthorizedModel.create(args.key, num_classes=10, seed=0)
 
     # One clean baseline for every variant: train each model once on the clean rows.
     start = time.perf_counter()
     if args.clean_json:
         earlier = json.loads(args.clean_json.read_text())
+        if earlier.get("key", "convnet") != args.key:
+            parser.error(f"{args.clean_json} holds the clean baseline of key {earlier.get('key', 'convnet')}, not {args.key}; "
+                         f"pass --key {earlier.get('key', 'convnet')} or drop --clean-json")
         key_train_s = earlier["key_training_s"]
         # Runs before best epochs were recorded kept the last epoch's accuracy only.
         baseline = [Training.from_dict(t) for t in earlier["clean_trainings"]] if "clean_trainings" in earlier else \
@@ -208,7 +214,7 @@ def main() -> None:
     clean_acc = {t.model: t.last_acc for t in baseline}
     clean_s = time.perf_counter() - start
 
-    print(f"\nCIFAR-10, {len(rows)} train rows, {len(test[1])} test images, {args.epochs} epochs, key convnet seed 0, "
+    print(f"\nCIFAR-10, {len(rows)} train rows, {len(test[1])} test images, {args.epochs} epochs, key {args.key} seed 0, "
           f"hackers: {', '.join(args.hackers)}; one clean training of the key: {key_train_s:.0f} s; cells: best-epoch / last-epoch accuracy "
           f"(tested every {args.eval_every} epochs and at the last) and the last-epoch ratio to clean\n")
     header = "| variant | key θ0 | key arch, seed 7 | " + " | ".join(args.hackers) + " | mean hacker | protect / key training |"
@@ -217,7 +223,7 @@ def main() -> None:
     by_name = {t.model: t for t in baseline}  # an earlier run's baseline may hold more models than this run's columns
     print("| clean acc, best/last epoch | " + " | ".join(f"{by_name[m].best_acc:.1f}/{by_name[m].last_acc:.1f}"
                                                         for m in [KEY, "key arch, seed 7", *args.hackers]) + " | | |", flush=True)
-    payload = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
+    payload = {"n": len(rows), "test": len(test[1]), "key": args.key, "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
                "clean_trainings": [t.to_dict() for t in baseline],
                "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": "cuda" if torch.cuda.is_available() else "cpu",
