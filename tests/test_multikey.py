@@ -106,3 +106,27 @@ def test_evaluate_refuses_what_it_cannot_compare(two_key_run, keys, tmp_path, ci
     cifar["test"].select(range(10)).to_parquet(str(shuffled / "data" / "test-00000-of-00001.parquet"))
     code = main(["evaluate", str(two_key_run), "--clean", str(shuffled), "--key", str(tmp_path / "key")])
     assert code == 2 and "clean rows do not match the protected ones" in capsys.readouterr().err
+
+
+def test_keys_take_turns_from_a_start_drawn_per_batch(two_key_run, cifar):
+    from uge_hf.data import load_tensors
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.utils import seeded_generator
+
+    class Recorded(Objective):  # the real objective, noting which key each matching step matched
+        def __call__(self, x, x_u, y, gen, match=True, key=None):
+            if match:
+                self.matched.append(key)
+            return super().__call__(x, x_u, y, gen, match=match, key=key)
+
+    state = UGETransform.from_pretrained(two_key_run.with_name("out.uge-state") / "state").state
+    objective = Recorded(state)
+    images, labels = load_tensors(cifar["train"], "img", "label", 3, rows=range(8), verbose=False)
+    starts = set()
+    for batch in range(8):
+        objective.matched = []
+        signed_gradient_search(objective, images.float() / 255, labels, seeded_generator(0, "turns", batch), steps=6)
+        start = objective.matched[0]
+        assert objective.matched == [start, 1 - start, start]  # steps 0, 2, 4 match (gm_every=2), alternating keys
+        starts.add(start)
+    assert starts == {0, 1}  # each key leads (and has the last match) on some batches

@@ -153,12 +153,15 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
         return (x + deltas[0] + low).clamp(0, 1)
 
     first = cfg.step_size or eps / 2
-    matched = 0
+    # Keys take turns from a key drawn per batch, so that over the batches each key matches as
+    # often as the others and has the last matching step as often (a fixed start would give the
+    # first key both). One key draws nothing, which keeps its bytes.
+    turn = int(torch.randint(objective.num_keys, (1,), generator=gen)) if objective.num_keys > 1 else 0
     for k in range(steps):
         deltas = [d.requires_grad_(True) for d, *_ in parts]
         match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
-        loss = objective(x, perturbed(deltas), y, gen, match=match, key=matched % objective.num_keys)
-        matched += match
+        loss = objective(x, perturbed(deltas), y, gen, match=match, key=turn % objective.num_keys)
+        turn += match
         grads = torch.autograd.grad(loss, deltas)
         step = decayed_step(first, k, steps)
         parts = [(torch.clamp(d.detach() - share * step * g.sign(), lo, hi), lo, hi, share)
