@@ -115,7 +115,7 @@ def colour_secret_rows(args, clean: tuple, key: AuthorizedModel, config: Protect
                 s.requires_grad_(True)
                 grad, = torch.autograd.grad(objective(x, x + v * s, y, gen, match=False), s)
                 s = torch.max(torch.min(s.detach() - decayed_step(first, k, config.steps) * grad.sign(), s_hi), s_lo)
-            out.append(quantize(x + v * s, images[b:b + config.batch_size], config.epsilon))
+            out.append(quantize(x + v * s, images[b:b + config.batch_size], config.epsilon_levels))
         return torch.cat(out), labels
 
     return cached_rows(args, "colour-secret", setting(config) + key.fingerprint, clean, config.epsilon_levels, make)
