@@ -118,7 +118,7 @@ def colour_secret_rows(args, clean: tuple, key: AuthorizedModel, config: Protect
             out.append(quantize(x + v * s, images[b:b + config.batch_size], config.epsilon_levels))
         return torch.cat(out), labels
 
-    return cached_rows(args, "colour-secret", setting(config) + key.fingerprint, clean, config.epsilon_levels, make)
+    return cached_rows(args, "colour-secret", setting(config) + key.fingerprint, clean, config, make)
 
 
 def excess_colour_direction(protected: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,11 @@ def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[i
     return rows
 
 
+def check_budget(protected: torch.Tensor, clean: torch.Tensor, config: ProtectConfig) -> None:
+    """Every protected ``uint8`` pixel within ε (in 8-bit levels) of its clean one."""
+    assert (protected.int() - clean.int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
+
+
 class TrainingLog:
     """The finished trainings of a resumable run: one JSON line each in ``trainings.jsonl``,
     appended as each ends. One ``write`` on an append-only file per record, each opened by a
@@ -140,7 +145,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
         protect_s, timings, resumed = kept["protect_s"], kept["phases_s"], kept["resumed"]
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     timings["perturb_and_write"] = protect_s - sum(timings.values())
-    assert (protected[0].int() - clean[0].int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
+    check_budget(protected[0], clean[0], config)
     report = evaluate_tensors(clean, protected, test, keys, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
                               attacks=["none"] + args.attacks, attacked_models=args.attacked_models,
                               baseline=baseline + log.done(name), on_training=lambda t: log.add(name, t),
@@ -199,9 +204,9 @@ def main() -> None:
     start = time.perf_counter()
     if args.clean_json:
         earlier = json.loads(args.clean_json.read_text())
-        if earlier.get("key", "convnet") != args.key:
-            parser.error(f"{args.clean_json} holds the clean baseline of key {earlier.get('key', 'convnet')}, not {args.key}; "
-                         f"pass --key {earlier.get('key', 'convnet')} or drop --clean-json")
+        if (earlier_key := earlier.get("key", "convnet")) != args.key:  # runs from before --key had convnet
+            parser.error(f"{args.clean_json} holds the clean baseline of key {earlier_key}, not {args.key}; "
+                         f"pass --key {earlier_key} or drop --clean-json")
         key_train_s = earlier["key_training_s"]
         # Runs before best epochs were recorded kept the last epoch's accuracy only.
         baseline = [Training.from_dict(t) for t in earlier["clean_trainings"]] if "clean_trainings" in earlier else \

@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from efficacy import DATA, balanced_prefix  # noqa: E402  (bench/ is the script's folder)
+from efficacy import DATA, balanced_prefix, check_budget  # noqa: E402  (bench/ is the script's folder)
 from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, protect  # noqa: E402
 from uge_hf.attacks import get_attack  # noqa: E402
 from uge_hf.data import load_tensors  # noqa: E402
@@ -281,7 +281,7 @@ def main() -> None:
         build_phases = json.loads(build.read_text())["phases_s"] if build.exists() else {}
         protected = load_tensors(out["train"], "img", "label", 3, verbose=False)
     assert torch.equal(protected[1], clean[1]), "labels changed"
-    assert (protected[0].int() - clean[0].int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
+    check_budget(protected[0], clean[0], config)
     payload["protect"] = {"seconds": protect_s, "images_per_s": n / protect_s, "build_phases_s": build_phases,
                           "perturb_and_write_s": protect_s - sum(build_phases.values()),
                           "images_per_s_perturb_and_write": n / max(1e-9, protect_s - sum(build_phases.values()))}

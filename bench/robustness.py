@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from efficacy import DATA, balanced_prefix
+from efficacy import DATA, balanced_prefix, check_budget
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.attacks import get_attack
@@ -99,7 +99,7 @@ def setting(config: ProtectConfig) -> str:
     return json.dumps({k: v for k, v in config.to_dict().items() if v != default[k]}, sort_keys=True)
 
 
-def cached_rows(args, name: str, setting: str, clean: tuple, budget: int, make) -> tuple[tuple, float]:
+def cached_rows(args, name: str, setting: str, clean: tuple, config: ProtectConfig, make) -> tuple[tuple, float]:
     """``make()``'s protected rows and seconds, from ``args.cache`` when an earlier run of the same
     ``setting`` made them; checked against the L∞ bound before they are kept."""
     cache = args.cache / f"{name}-{args.n}-{hashlib.sha256((setting + str(args.n)).encode()).hexdigest()[:16]}.pt"
@@ -109,7 +109,7 @@ def cached_rows(args, name: str, setting: str, clean: tuple, budget: int, make) 
     start = time.perf_counter()
     protected = make()
     seconds = time.perf_counter() - start
-    assert (protected[0].int() - clean[0].int()).abs().max() <= budget, "L-inf bound violated"
+    check_budget(protected[0], clean[0], config)
     args.cache.mkdir(parents=True, exist_ok=True)
     torch.save({"rows": protected, "seconds": seconds}, cache)
     return protected, seconds
@@ -122,7 +122,7 @@ def protected_rows(args, train, clean: tuple, key: AuthorizedModel, config: Prot
             out = protect(train, key, config, output_dir=Path(tmp) / "out", verbose=args.verbose)
             return load_tensors(out["train"], "img", "label", 3, verbose=False)
 
-    return cached_rows(args, "protected", setting(config), clean, config.epsilon_levels, make)
+    return cached_rows(args, "protected", setting(config), clean, config, make)
 
 
 def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> str:

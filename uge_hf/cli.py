@@ -154,10 +154,11 @@ def check_correspondence(clean, protected, metadata: dict, channels: int, rows: 
     from .data import load_tensors
 
     n = min(rows, len(protected))
-    size = tuple(metadata["config"]["resize"]) if metadata["config"].get("resize") else None
+    config = ProtectConfig.from_dict(metadata["config"])
+    size = config.resize
     x, _ = load_tensors(clean, metadata["image_column"], metadata["label_column"], channels, rows=range(n), size=size, verbose=False)
     x_u, _ = load_tensors(protected, metadata["image_column"], metadata["label_column"], channels, rows=range(n), size=size, verbose=False)
-    if x.shape != x_u.shape or (x.int() - x_u.int()).abs().max() > ProtectConfig.from_dict(metadata["config"]).epsilon_levels:
+    if x.shape != x_u.shape or (x.int() - x_u.int()).abs().max() > config.epsilon_levels:
         raise ValueError(f"the clean rows do not match the protected ones (first {n} rows differ by more than ε): evaluate compares "
                          "each protected row with the same row of --clean's split, so pass the dataset that was protected, "
                          "unshuffled, and protect a prefix of it (protect --limit does)")
