@@ -66,6 +66,8 @@ VARIANTS = {
     # Several authorized keys (issue 12): the default setting, protected for each key below.
     "two-convnets": {},
     "convnet+resnet-small": {},
+    "convnet+resnet-small-every-key": {"match_every_key": True},
+    "two-convnets-every-key": {"match_every_key": True},
     # The misalignment fools resnet-tiny, a surrogate of the resnet-small key's family: without it
     # (and the one-key run without it, for the hackers' comparison).
     "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
@@ -73,6 +75,7 @@ VARIANTS = {
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
+        "two-convnets-every-key": [("convnet", 1)], "convnet+resnet-small-every-key": [("resnet-small", 0)],
         "convnet+resnet-small-no-resnet-sur": [("resnet-small", 0)]}
 
 

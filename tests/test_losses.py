@@ -78,9 +78,24 @@ def test_defense_views_are_differentiable_seeded_and_change_the_image():
     assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
 
 
+def test_libjpeg_view_is_the_real_codec_with_a_straight_through_gradient():
+    from uge_hf.attacks import jpeg
+    from uge_hf.losses import DEFENSE_VIEWS
+
+    x_u = X.clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    qualities = torch.randint(10, 51, (len(X),), generator=torch.Generator().set_state(gen.get_state())).tolist()
+    view = DEFENSE_VIEWS["libjpeg"](x_u, gen)
+    pixels = (X * 255).round().to(torch.uint8)
+    for i, q in enumerate(qualities):  # each image is libjpeg's output at its drawn quality
+        assert torch.equal((view[i] * 255).round().to(torch.uint8), jpeg(pixels[i:i + 1], q)[0])
+    grad, = torch.autograd.grad((view * torch.arange(view.numel()).view_as(view)).sum(), x_u)
+    assert torch.equal(grad, torch.arange(view.numel()).view_as(view).float())  # the identity's
+
+
 def test_config_refuses_an_unknown_eot_defense():
     from uge_hf import ProtectConfig
 
     assert ProtectConfig(eot=["jpeg", "blur"]).eot == ("jpeg", "blur")
-    with pytest.raises(ValueError, match="unknown eot defense.*available: jpeg, grayscale, blur"):
+    with pytest.raises(ValueError, match="unknown eot defense.*available: jpeg, libjpeg, grayscale, blur"):
         ProtectConfig(eot=("jpg",))

@@ -130,3 +130,25 @@ def test_keys_take_turns_from_a_start_drawn_per_batch(two_key_run, cifar):
         assert objective.matched == [start, 1 - start, start]  # steps 0, 2, 4 match (gm_every=2), alternating keys
         starts.add(start)
     assert starts == {0, 1}  # each key leads (and has the last match) on some batches
+
+
+def test_match_every_key_matches_both_keys_on_each_matching_step(two_key_run, cifar):
+    from dataclasses import replace
+
+    from uge_hf.data import load_tensors
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.utils import seeded_generator
+
+    state = UGETransform.from_pretrained(two_key_run.with_name("out.uge-state") / "state").state
+    images, labels = load_tensors(cifar["train"], "img", "label", 3, rows=range(8), verbose=False)
+    x = images.float() / 255
+    for every, expected in ((False, 3), (True, 6)):  # steps 0, 2, 4 match: one key each, or both
+        objective = Objective(replace(state, config=replace(state.config, match_every_key=every)))
+        calls = []  # forward passes of the key networks, which only gradient matching runs
+        for i, net in enumerate(objective.key_nets):
+            net.register_forward_hook(lambda *_, i=i: calls.append(i))
+        out = signed_gradient_search(objective, x, labels, seeded_generator(0, "every"), steps=6)
+        assert len(calls) == 2 * expected  # L_gm runs each key net twice: on x and on x_u
+        assert set(calls) == {0, 1} and (out - x).abs().max() <= state.config.epsilon + 1e-6
+    with pytest.raises(ValueError, match="match_every_key must be True or False"):
+        ProtectConfig(match_every_key="yes")

@@ -85,6 +85,9 @@ class ProtectConfig:
     lambda_ud: float = 0.0
     lambda_bind: float = 0.0
     gm_every: int = 2  # gradient matching on every k-th step: it costs 4x the other terms
+    # With several keys: each matching step matches every key (L_gm summed, so each key is
+    # pulled as hard as if it were alone; k times the matching cost) instead of one in turn.
+    match_every_key: bool = False
     # Differentiable defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, grayscale, blur) whose views of
     # x_u the misalignment is averaged over, with x_u itself (expectation over transformations).
     eot: tuple[str, ...] = ()
@@ -120,6 +123,8 @@ class ProtectConfig:
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency"):
             put(name, _real(name, getattr(self, name), 0.0))
+        if not isinstance(self.match_every_key, bool):
+            raise ValueError(f"match_every_key must be True or False; got {self.match_every_key!r}")
         if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
         if not 0 <= self.low_frequency <= 1:

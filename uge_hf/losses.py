@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .attacks import jpeg
+
 
 def matched_parameters(module: nn.Module) -> list[str]:
     """Names of the weights whose gradients are matched: conv and linear kernels (ndim > 1),
@@ -91,9 +93,21 @@ def _jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return kornia.enhance.jpeg_codec_differentiable(x, quality)
 
 
+def _libjpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The hacker's real codec (:func:`uge_hf.attacks.jpeg`, libjpeg) at a random quality in
+    10-50 per image, with the identity as its gradient (straight-through, the BPDA of Athalye
+    et al. 2018): the loss is taken on what libjpeg really outputs, which kornia's smooth
+    approximation is not."""
+    qualities = torch.randint(10, 51, (len(x),), generator=gen).tolist()
+    pixels = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+    coded = torch.cat([jpeg(pixels[i:i + 1], q) for i, q in enumerate(qualities)]).to(x.device, x.dtype) / 255
+    return x + (coded - x).detach()
+
+
 # Differentiable stand-ins of the data defenses of uge_hf.attacks: float (N, 3, H, W) in [0, 1] in and out.
 DEFENSE_VIEWS = {
     "jpeg": _jpeg,  # kornia's differentiable JPEG, a random quality per image
+    "libjpeg": _libjpeg,  # the real codec, straight-through
     "grayscale": lambda x, gen: kornia.color.rgb_to_grayscale(x).expand_as(x),
     "blur": lambda x, gen: kornia.filters.gaussian_blur2d(x, (3, 3), (1.0, 1.0)),
 }

@@ -44,7 +44,8 @@ class Objective:
 
     With several authorized keys, each call matches gradients along one key's trajectory
     (chosen by the caller, or drawn from ``gen``): the search costs the same per step
-    whatever the number of keys, and the keys take turns.
+    whatever the number of keys, and the keys take turns. With ``config.match_every_key``
+    each call matches every key's, at k times the matching cost.
     """
 
     def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
@@ -80,12 +81,15 @@ class Objective:
     def __call__(self, x: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, gen: torch.Generator, match: bool = True,
                  key: Optional[int] = None) -> torch.Tensor:
         """The loss to minimize; ``match=False`` skips the (costly) gradient-matching term;
-        ``key`` picks the authorized key whose trajectory is matched (default: drawn from
-        ``gen`` when there are several)."""
+        ``key`` picks the authorized key whose trajectory is matched (default: every key with
+        ``config.match_every_key``, else one drawn from ``gen`` when there are several)."""
         cfg = self.config
-        if key is None:
-            key = int(torch.randint(self.num_keys, (1,), generator=gen)) if self.num_keys > 1 else 0
-        net, names = self.key_nets[key], self.names[key]
+        if key is not None:
+            keys = [key]
+        elif cfg.match_every_key:
+            keys = list(range(self.num_keys))
+        else:
+            keys = [int(torch.randint(self.num_keys, (1,), generator=gen)) if self.num_keys > 1 else 0]
         # One crop and flip for both x and x_u (matched gradients must see the same view),
         # so the perturbation is also fitted to survive the hacker's augmentation.
         state = gen.get_state()
@@ -93,14 +97,16 @@ class Objective:
         x = random_crop_flip(x, torch.Generator().set_state(state))
         loss = x_u.new_zeros(())
         if cfg.lambda_gm and match:
-            trajectory = self.trajectories[key]
-            t = int(torch.randint(len(trajectory), (1,), generator=gen))
-            loss = loss + cfg.lambda_gm * gradient_matching_loss(net, trajectory[t], x, x_u, y, names)
+            for k in keys:
+                trajectory = self.trajectories[k]
+                t = int(torch.randint(len(trajectory), (1,), generator=gen))
+                loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_nets[k], trajectory[t], x, x_u, y, self.names[k])
         if cfg.lambda_fd and self.heads:
             views = defense_views(x_u, cfg.eot, gen)
             loss = loss + cfg.lambda_fd * sum(misalignment_loss(self.heads, v, y, self.num_classes) for v in views) / len(views)
         if cfg.lambda_ud:
-            loss = loss + cfg.lambda_ud * undistillation_loss(net, self.finals[key], x_u, y)
+            for k in keys:
+                loss = loss + cfg.lambda_ud * undistillation_loss(self.key_nets[k], self.finals[k], x_u, y)
         if cfg.lambda_bind and self.others and match:  # as costly as L_gm: on the matching steps only
             traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
             t = int(torch.randint(len(traj), (1,), generator=gen))
@@ -126,7 +132,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
     decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
     misaligned direction, small ones settle the gradient match. Several keys take turns on
-    the matching steps. ``start`` (a generator's output) seeds δ (its per-pixel part).
+    the matching steps (or all match on each, with ``config.match_every_key``). ``start`` (a generator's output) seeds δ (its per-pixel part).
 
     With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
     ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
@@ -160,7 +166,8 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     for k in range(steps):
         deltas = [d.requires_grad_(True) for d, *_ in parts]
         match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
-        loss = objective(x, perturbed(deltas), y, gen, match=match, key=turn % objective.num_keys)
+        key = None if cfg.match_every_key else turn % objective.num_keys
+        loss = objective(x, perturbed(deltas), y, gen, match=match, key=key)
         turn += match
         grads = torch.autograd.grad(loss, deltas)
         step = decayed_step(first, k, steps)
