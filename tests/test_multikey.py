@@ -78,8 +78,10 @@ def test_cli_takes_repeated_keys_and_verify_says_which_matched(tmp_path, keys, c
         key.save_pretrained(tmp_path / f"key{i}")
     out = tmp_path / "out"
     assert main(["protect", str(CIFAR10), "--split", "train", "--limit", "60", "--key", str(tmp_path / "key0"),
-                 "--key", str(tmp_path / "key1"), "--out", str(out), "--preset", "fast", "--batch-size", "60", "--quiet"]) == 0
+                 "--key", str(tmp_path / "key1"), "--out", str(out), "--preset", "fast", "--batch-size", "60", "--match-every-key",
+                 "--quiet"]) == 0
     capsys.readouterr()
+    assert json.loads((out / "uge_hf.json").read_text())["config"]["match_every_key"] is True
     assert main(["verify", str(out), "--key", str(tmp_path / "key1")]) == 0
     assert "(key 2 of 2)" in capsys.readouterr().out
 

@@ -65,6 +65,8 @@ def _protect(args) -> int:
             overrides[name] = getattr(args, name)
     if args.resize:
         overrides["resize"] = args.resize
+    if args.match_every_key:
+        overrides["match_every_key"] = True
     config = ProtectConfig.preset(args.preset, **overrides)
     keys = [AuthorizedModel.from_pretrained(k) for k in args.key]  # before the data: a wrong key path fails in a second
     dataset = args.dataset
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it to authorize several partners, each with a key of its own")
     p.add_argument("--out", required=True, help="new or empty output folder (a Hub dataset repo layout); its private state goes "
                    "beside it, in OUT.uge-state")
+    p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
+                   "matching step rather than one in turn: keys of different architectures keep more, the search costs more")
     p.add_argument("--split", help="load only this split, and protect it (with --limit: its first rows)")
     p.add_argument("--splits", nargs="+", help="of a dataset with several splits, protect these (default: all); the others are "
                    "copied unprotected")
