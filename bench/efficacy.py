@@ -66,8 +66,6 @@ VARIANTS = {
     # Several authorized keys (issue 12): the default setting, protected for each key below.
     "two-convnets": {},
     "convnet+resnet-small": {},
-    "convnet+resnet-small-every-key": {"match_every_key": True},
-    "two-convnets-every-key": {"match_every_key": True},
     # The misalignment fools resnet-tiny, a surrogate of the resnet-small key's family: without it
     # (and the one-key run without it, for the hackers' comparison).
     "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
@@ -75,8 +73,10 @@ VARIANTS = {
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
-        "two-convnets-every-key": [("convnet", 1)], "convnet+resnet-small-every-key": [("resnet-small", 0)],
         "convnet+resnet-small-no-resnet-sur": [("resnet-small", 0)]}
+# Each two-key variant again, matching every key on each matching step instead of one in turn.
+VARIANTS.update({f"{v}-every-key": {"match_every_key": True} for v in ("two-convnets", "convnet+resnet-small")})
+KEYS.update({f"{v}-every-key": KEYS[v] for v in ("two-convnets", "convnet+resnet-small")})
 
 
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:

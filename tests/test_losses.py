@@ -79,12 +79,12 @@ def test_defense_views_are_differentiable_seeded_and_change_the_image():
 
 
 def test_libjpeg_view_is_the_real_codec_with_a_straight_through_gradient():
-    from uge_hf.attacks import jpeg
-    from uge_hf.losses import DEFENSE_VIEWS
+    from uge_hf.data import jpeg
+    from uge_hf.losses import DEFENSE_VIEWS, EOT_JPEG_QUALITIES
 
     x_u = X.clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
-    qualities = torch.randint(10, 51, (len(X),), generator=torch.Generator().set_state(gen.get_state())).tolist()
+    qualities = torch.randint(EOT_JPEG_QUALITIES[0], EOT_JPEG_QUALITIES[1] + 1, (len(X),), generator=torch.Generator().set_state(gen.get_state())).tolist()
     view = DEFENSE_VIEWS["libjpeg"](x_u, gen)
     pixels = (X * 255).round().to(torch.uint8)
     for i, q in enumerate(qualities):  # each image is libjpeg's output at its drawn quality

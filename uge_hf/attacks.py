@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -36,12 +35,11 @@ from typing import Callable, Iterator, Optional
 
 import kornia
 import kornia.augmentation as K
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import jpeg
 from .training import TrainConfig
 
 # (images, labels, generator) -> (images, targets). Images: float (N, C, H, W) in [0, 1];
@@ -52,29 +50,6 @@ DEFAULT_PGD_STEPS = 10  # APBench and Madry et al.: 10 steps of 2/255 at ε = 8/
 
 
 # -- data defenses: uint8 images in, uint8 images out ----------------------------------------
-
-def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
-    """Re-encode each image as JPEG at ``quality`` (1-95) with libjpeg through Pillow, as
-    APBench and ISS (Liu et al., 2023) do: quality 10 is the field's strongest data defense.
-
-    A real codec, not kornia's differentiable approximation
-    (``kornia.enhance.jpeg_codec_differentiable``): on CIFAR-10 that one differs from libjpeg by
-    3.2/255 on average at quality 10 (up to 66/255) and keeps images closer to the input at
-    quality 50 (5.4/255 from it against libjpeg's 6.8), so it is a different defense.
-
-    Args:
-        images: ``uint8 (N, C, H, W)``, C = 1 or 3.
-    Returns:
-        ``uint8 (N, C, H, W)``.
-    """
-    out = []
-    for img in images.permute(0, 2, 3, 1).numpy():
-        buffer = io.BytesIO()
-        PIL.Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(PIL.Image.open(buffer).convert("RGB" if img.shape[-1] == 3 else "L"))
-        out.append(decoded.reshape(*decoded.shape[:2], -1))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
 
 def _pixelwise(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Apply a float ``[0, 1]`` image function to ``uint8`` images, a chunk at a time (a

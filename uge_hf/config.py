@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Optional
 
+import numpy as np
+
 from .data import MIN_SIDE
 from .losses import DEFENSE_VIEWS
 from .models import DEFAULT_SURROGATES, list_models
@@ -85,11 +87,12 @@ class ProtectConfig:
     lambda_ud: float = 0.0
     lambda_bind: float = 0.0
     gm_every: int = 2  # gradient matching on every k-th step: it costs 4x the other terms
-    # With several keys: each matching step matches every key (L_gm summed, so each key is
-    # pulled as hard as if it were alone; k times the matching cost) instead of one in turn.
+    # With several keys: each matching step matches every key (L_gm, and L_ud, summed over
+    # the keys, so each is pulled as hard as if it were alone; k times the matching cost, in
+    # the search and in the generator's fit) instead of one in turn.
     match_every_key: bool = False
-    # Differentiable defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, grayscale, blur) whose views of
-    # x_u the misalignment is averaged over, with x_u itself (expectation over transformations).
+    # Defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, libjpeg, grayscale, blur) whose views of x_u
+    # the misalignment is averaged over, with x_u itself (expectation over transformations).
     eot: tuple[str, ...] = ()
     # Shared state (fitting.py).
     trajectory_epochs: int = 15
@@ -123,8 +126,9 @@ class ProtectConfig:
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency"):
             put(name, _real(name, getattr(self, name), 0.0))
-        if not isinstance(self.match_every_key, bool):
+        if not isinstance(self.match_every_key, (bool, np.bool_)):
             raise ValueError(f"match_every_key must be True or False; got {self.match_every_key!r}")
+        put("match_every_key", bool(self.match_every_key))
         if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
         if not 0 <= self.low_frequency <= 1:

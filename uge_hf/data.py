@@ -171,6 +171,29 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg(images: torch.Tensor, quality: int = 10) -> torch.Tensor:
+    """Re-encode each image as JPEG at ``quality`` (1-95) with libjpeg through Pillow, as
+    APBench and ISS (Liu et al., 2023) do: quality 10 is the field's strongest data defense.
+
+    A real codec, not kornia's differentiable approximation
+    (``kornia.enhance.jpeg_codec_differentiable``): on CIFAR-10 that one differs from libjpeg by
+    3.2/255 on average at quality 10 (up to 66/255) and keeps images closer to the input at
+    quality 50 (5.4/255 from it against libjpeg's 6.8), so it is a different defense.
+
+    Args:
+        images: ``uint8 (N, C, H, W)``, C = 1 or 3.
+    Returns:
+        ``uint8 (N, C, H, W)``.
+    """
+    out = []
+    for img in images.permute(0, 2, 3, 1).numpy():
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(buffer, format="JPEG", quality=quality)
+        decoded = np.asarray(PIL.Image.open(buffer).convert("RGB" if img.shape[-1] == 3 else "L"))
+        out.append(decoded.reshape(*decoded.shape[:2], -1))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
 def reencode_png(item: dict, row: int, image_column: str, feature: Image = Image()) -> dict:
     """An encoded image as ``datasets`` shows it, re-encoded as PNG: the same pixels and mode,
     none of the original file's metadata (EXIF, text chunks, ICC profile) and no path."""

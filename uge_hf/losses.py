@@ -12,8 +12,8 @@ Every term takes clean images ``x``, protected images ``x_u`` (a function of δ)
 - :func:`undistillation_loss`: a key trained on the protected data gives soft labels on it
   that carry no dark knowledge a student could distil;
 - :func:`defense_views` gives the views ``L_fd`` is averaged over when the run names
-  differentiable defenses (expectation over transformations, Athalye et al. 2018), so δ is
-  fitted to survive the field's data defenses;
+  defenses (expectation over transformations, Athalye et al. 2018; a real codec passes the
+  gradient straight through), so δ is fitted to survive the field's data defenses;
 - the binding term reuses :func:`gradient_matching_loss` with the sign flipped, on
   trajectories of the key's architecture from *other* seeds, so learnability is tied to θ0
   rather than to the architecture.
@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .attacks import jpeg
+from .data import jpeg
 
 
 def matched_parameters(module: nn.Module) -> list[str]:
@@ -88,25 +88,30 @@ def misalignment_loss(feature_space: list[nn.Module], x_u: torch.Tensor, y: torc
     return sum(F.cross_entropy(head(x_u), target) for head in feature_space) / len(feature_space)
 
 
+EOT_JPEG_QUALITIES = (10, 50)  # the field's JPEG-10 … JPEG-50: each JPEG view draws a quality in this range per image
+
+
 def _jpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    quality = torch.empty(len(x)).uniform_(10, 50, generator=gen).to(x.device)  # the field's JPEG-10 … JPEG-50
+    quality = torch.empty(len(x)).uniform_(*EOT_JPEG_QUALITIES, generator=gen).to(x.device)
     return kornia.enhance.jpeg_codec_differentiable(x, quality)
 
 
 def _libjpeg(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """The hacker's real codec (:func:`uge_hf.attacks.jpeg`, libjpeg) at a random quality in
-    10-50 per image, with the identity as its gradient (straight-through, the BPDA of Athalye
-    et al. 2018): the loss is taken on what libjpeg really outputs, which kornia's smooth
+    """The hacker's real codec (:func:`uge_hf.data.jpeg`, libjpeg) at a random integer quality
+    per image, with the identity as its gradient (straight-through, the BPDA of Athalye et al.
+    2018): the loss is taken on what libjpeg really outputs, which kornia's smooth
     approximation is not."""
-    qualities = torch.randint(10, 51, (len(x),), generator=gen).tolist()
+    low, high = EOT_JPEG_QUALITIES
+    qualities = torch.randint(low, high + 1, (len(x),), generator=gen).tolist()
     pixels = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
     coded = torch.cat([jpeg(pixels[i:i + 1], q) for i, q in enumerate(qualities)]).to(x.device, x.dtype) / 255
     return x + (coded - x).detach()
 
 
-# Differentiable stand-ins of the data defenses of uge_hf.attacks: float (N, 3, H, W) in [0, 1] in and out.
+# The data defenses of uge_hf.attacks as views the loss can differentiate through: float
+# (N, C, H, W) in [0, 1] in and out (grayscale needs C = 3).
 DEFENSE_VIEWS = {
-    "jpeg": _jpeg,  # kornia's differentiable JPEG, a random quality per image
+    "jpeg": _jpeg,  # kornia's differentiable approximation of JPEG
     "libjpeg": _libjpeg,  # the real codec, straight-through
     "grayscale": lambda x, gen: kornia.color.rgb_to_grayscale(x).expand_as(x),
     "blur": lambda x, gen: kornia.filters.gaussian_blur2d(x, (3, 3), (1.0, 1.0)),

@@ -90,11 +90,15 @@ class Objective:
             keys = list(range(self.num_keys))
         else:
             keys = [int(torch.randint(self.num_keys, (1,), generator=gen)) if self.num_keys > 1 else 0]
-        # One crop and flip for both x and x_u (matched gradients must see the same view),
-        # so the perturbation is also fitted to survive the hacker's augmentation.
+        # A hacker's data defense acts on whole images, before training augments them: the
+        # views come first (a JPEG block grid stays where the hacker's is), then one crop and
+        # flip for x, x_u and every view (matched gradients must see the same view, and δ is
+        # fitted to survive the augmentation too).
+        views = defense_views(x_u, cfg.eot, gen)[1:] if cfg.lambda_fd and self.heads else []
         state = gen.get_state()
+        same_crop = lambda v: random_crop_flip(v, torch.Generator().set_state(state))
         x_u = random_crop_flip(x_u, gen)
-        x = random_crop_flip(x, torch.Generator().set_state(state))
+        x, views = same_crop(x), [x_u] + [same_crop(v) for v in views]
         loss = x_u.new_zeros(())
         if cfg.lambda_gm and match:
             for k in keys:
@@ -102,7 +106,6 @@ class Objective:
                 t = int(torch.randint(len(trajectory), (1,), generator=gen))
                 loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_nets[k], trajectory[t], x, x_u, y, self.names[k])
         if cfg.lambda_fd and self.heads:
-            views = defense_views(x_u, cfg.eot, gen)
             loss = loss + cfg.lambda_fd * sum(misalignment_loss(self.heads, v, y, self.num_classes) for v in views) / len(views)
         if cfg.lambda_ud:
             for k in keys:
@@ -132,7 +135,8 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
     decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
     misaligned direction, small ones settle the gradient match. Several keys take turns on
-    the matching steps (or all match on each, with ``config.match_every_key``). ``start`` (a generator's output) seeds δ (its per-pixel part).
+    the matching steps (or all match on each, with ``config.match_every_key``). ``start``
+    (a generator's output) seeds δ (its per-pixel part).
 
     With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
     ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
@@ -162,6 +166,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     # Keys take turns from a key drawn per batch, so that over the batches each key matches as
     # often as the others and has the last matching step as often (a fixed start would give the
     # first key both). One key draws nothing, which keeps its bytes.
+    # (With match_every_key the draw is unused; it stays so that the bytes stay put.)
     turn = int(torch.randint(objective.num_keys, (1,), generator=gen)) if objective.num_keys > 1 else 0
     for k in range(steps):
         deltas = [d.requires_grad_(True) for d, *_ in parts]
