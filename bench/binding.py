@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=3)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench")
+    parser.add_argument("--fresh", action="store_true", help="protect again instead of reusing the rows in --cache")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()

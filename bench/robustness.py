@@ -101,9 +101,10 @@ def setting(config: ProtectConfig) -> str:
 
 def cached_rows(args, name: str, setting: str, clean: tuple, config: ProtectConfig, make) -> tuple[tuple, float]:
     """``make()``'s protected rows and seconds, from ``args.cache`` when an earlier run of the same
-    ``setting`` made them; checked against the L∞ bound before they are kept."""
+    ``setting`` made them (unless ``--fresh``: after a change to the code, say); checked against
+    the L∞ bound before they are kept."""
     cache = args.cache / f"{name}-{args.n}-{hashlib.sha256((setting + str(args.n)).encode()).hexdigest()[:16]}.pt"
-    if cache.exists():
+    if cache.exists() and not args.fresh:
         cached = torch.load(cache)
         return cached["rows"], cached["seconds"]
     start = time.perf_counter()
@@ -180,7 +181,8 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, help="skip trainings predicted to end past this many minutes, protection "
                         "included (default 90, 10 with --quick; 0: no limit)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench", help="protected rows, kept for a rerun")
-    parser.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run instead of resuming it")
+    parser.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run, its protected "
+                        "rows included, instead of resuming it")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true")
