@@ -84,7 +84,8 @@ def test_libjpeg_view_is_the_real_codec_with_a_straight_through_gradient():
 
     x_u = X.clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
-    qualities = torch.randint(EOT_JPEG_QUALITIES[0], EOT_JPEG_QUALITIES[1] + 1, (len(X),), generator=torch.Generator().set_state(gen.get_state())).tolist()
+    low, high = EOT_JPEG_QUALITIES
+    qualities = torch.randint(low, high + 1, (len(X),), generator=torch.Generator().set_state(gen.get_state())).tolist()
     view = DEFENSE_VIEWS["libjpeg"](x_u, gen)
     pixels = (X * 255).round().to(torch.uint8)
     for i, q in enumerate(qualities):  # each image is libjpeg's output at its drawn quality

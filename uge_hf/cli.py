@@ -207,8 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "it to authorize several partners, each with a key of its own")
     p.add_argument("--out", required=True, help="new or empty output folder (a Hub dataset repo layout); its private state goes "
                    "beside it, in OUT.uge-state")
-    p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
-                   "matching step rather than one in turn: keys of different architectures keep more, the search costs more")
     p.add_argument("--split", help="load only this split, and protect it (with --limit: its first rows)")
     p.add_argument("--splits", nargs="+", help="of a dataset with several splits, protect these (default: all); the others are "
                    "copied unprotected")
@@ -219,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["per-sample", "generator"], help="override the preset's perturbation mode")
     p.add_argument("--steps", type=int, help="override the preset's search steps per batch")
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")
+    p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
+                   "matching step rather than one in turn: keys of different architectures keep more, the search costs more")
     p.add_argument("--batch-size", type=int, help="rows perturbed together (memory grows with it)")
     p.add_argument("--fit-sample", type=int, help="build the shared state on the first N rows of the fit split (default: all)")
     p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "
