@@ -287,3 +287,48 @@ def test_config_checks_the_low_frequency_share():
         ProtectConfig(low_frequency=0.5, low_frequency_factor=1)
     with pytest.raises(ValueError, match="pass refine_steps > 0"):
         ProtectConfig(low_frequency=0.5, mode="generator")
+
+
+def test_class_consistent_part_of_delta_is_one_coarse_pattern_per_class_within_its_share(tmp_path, small_train, key):
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.state import SharedState
+    from uge_hf.utils import seeded_generator
+
+    images, labels = load_tensors(small_train, "img", "label", 3, rows=range(64), verbose=False)
+    state = build_shared_state(images, labels, key, ProtectConfig.preset("fast", class_share=1.0, class_epochs=2), verbose=False)
+    assert state.class_codes["codes"].shape == (10, 3, 8, 8)  # the low-frequency grid, 4 times coarser
+    state.save_pretrained(tmp_path / "state")
+    assert SharedState.from_pretrained(tmp_path / "state").fingerprint == state.fingerprint
+
+    # All of ε to the class part: δ is the class's pattern wherever the image's box does not cut it.
+    delta = torch.stack(UGETransform(state).perturb(list(images), labels)).int() - images.int()
+    assert delta.abs().max() <= 8
+    inside = (images >= 8) & (images <= 247)
+    for c in labels.unique():
+        rows = (labels == c).nonzero().flatten()
+        a, b = rows[0], rows[1]
+        both = inside[a] & inside[b]
+        assert (delta[a] - delta[b])[both].abs().max() <= 1  # the same pattern, up to rounding
+    other = (labels != labels[0]).nonzero().flatten()[0]
+    both = inside[0] & inside[other]
+    assert (delta[0] - delta[other])[both].abs().float().mean() > 1  # classes have patterns of their own
+
+    # A shared part: the per-sample search keeps the rest of ε on top of it.
+    half = ProtectConfig.preset("fast", class_share=0.5, class_epochs=1)
+    state = build_shared_state(images, labels, key, half, verbose=False)
+    x = images.float() / 255
+    objective = Objective(state)
+    with pytest.raises(ValueError, match="pass offset"):
+        signed_gradient_search(objective, x, labels, seeded_generator(0, "test"), 2)
+    protected = torch.stack(UGETransform(state).perturb(list(images), labels)).int()
+    assert (protected - images.int()).abs().max() == 8
+
+
+def test_config_checks_the_class_share():
+    with pytest.raises(ValueError, match="shares of one epsilon: their sum must not exceed 1"):
+        ProtectConfig(class_share=0.6, low_frequency=0.5)
+    with pytest.raises(ValueError, match="generator mode has class codes of its own"):
+        ProtectConfig(class_share=0.5, mode="generator")
+    with pytest.raises(ValueError, match="class_epochs must be an integer >= 1"):
+        ProtectConfig(class_share=0.5, class_epochs=0)

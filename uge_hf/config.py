@@ -81,6 +81,11 @@ class ProtectConfig:
     # coarser than the image and upsampled (objective.signed_gradient_search); 0: none.
     low_frequency: float = 0.0
     low_frequency_factor: int = 4
+    # Share of ε given to a class-consistent part of δ: one pattern per class on that same coarse
+    # grid, fitted once on the shared state (class_epochs epochs over generator_sample rows) and
+    # added to every image of its class; the per-sample search keeps the rest. 0: none.
+    class_share: float = 0.0
+    class_epochs: int = 10
     # Objective weights (losses.py).
     lambda_gm: float = 1.0
     lambda_fd: float = 1.0
@@ -121,10 +126,10 @@ class ProtectConfig:
         put("epsilon", parse_epsilon(self.epsilon))
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
                               ("micro_batches", 1), ("bind_checkpoints", 0), ("low_frequency_factor", 2),
-                              ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0),
+                              ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
-        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency"):
+        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency", "class_share"):
             put(name, _real(name, getattr(self, name), 0.0))
         if not isinstance(self.match_every_key, (bool, np.bool_)):
             raise ValueError(f"match_every_key must be True or False; got {self.match_every_key!r}")
@@ -136,6 +141,12 @@ class ProtectConfig:
         if self.low_frequency and self.mode == "generator" and not self.refine_steps:
             raise ValueError("low_frequency shapes the per-sample search, which generator mode runs only to refine: "
                              "pass refine_steps > 0, or low_frequency=0")
+        if self.low_frequency + self.class_share > 1:
+            raise ValueError(f"low_frequency ({self.low_frequency}) and class_share ({self.class_share}) are shares of one epsilon: "
+                             "their sum must not exceed 1")
+        if self.class_share and self.mode == "generator":
+            raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
+                             "use mode='per-sample', or class_share=0")
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
         if self.fit_sample is not None:

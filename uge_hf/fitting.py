@@ -1,5 +1,6 @@
 """Building the shared state of a run, once: the key's trajectory, the common feature space,
-trajectories of other seeds (for binding to θ0) and, in generator mode, the generator.
+trajectories of other seeds (for binding to θ0) and, in generator mode, the generator (or,
+with ``class_share``, the class-consistent part of δ).
 
 Every training job checkpoints at each epoch into a cache folder and resumes from there,
 so an interrupted build finishes with the same bytes as an uninterrupted one.
@@ -35,29 +36,36 @@ STATE_CONFIG = "state.json"
 
 
 class Generator(nn.Module):
-    """δ = ε · clamp(G(x) + P[y]): a small conv net plus one learned spatial code per class.
+    """δ = ε · clamp(G(x) + up(P[y])): a small conv net plus one learned spatial code per class.
 
     The clamp passes gradients straight through, so unlike a tanh the output never
     saturates into a dead zone (the first prototype's failure); the class codes give the
     misalignment a per-class direction that a per-image network finds hard to learn.
+
+    With ``per_image=False`` only the codes remain, on a grid ``factor`` times coarser than
+    ``size`` (height, width) and upsampled bilinearly: the class-consistent part of δ
+    (``ProtectConfig.class_share``), the same for every image of a class.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, size: tuple[int, int], width: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, size: tuple[int, int], width: int = 32, *,
+                 per_image: bool = True, factor: int = 1):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(width, in_channels, 3, padding=1),
-        )
+        ) if per_image else None
         # Codes start as random class-wise patterns at full budget (a ready shortcut); the
         # objective then reshapes them so the key still learns.
-        self.codes = nn.Parameter(torch.rand(num_classes, in_channels, *size) * 2 - 1)
+        self.codes = nn.Parameter(torch.rand(num_classes, in_channels, -(-size[0] // factor), -(-size[1] // factor)) * 2 - 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:
-        codes = self.codes[y]
-        if codes.shape[-2:] != x.shape[-2:]:
-            codes = F.interpolate(codes, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        raw = self.net(x * 2 - 1) + codes
+        """``x``: float ``(N, C, H, W)`` on the 0-1 scale; returns ``x + δ`` in [0, 1], ``‖δ‖∞ ≤ epsilon``."""
+        raw = self.codes[y]
+        if raw.shape[-2:] != x.shape[-2:]:
+            raw = F.interpolate(raw, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.net is not None:
+            raw = self.net(x * 2 - 1) + raw
         delta = epsilon * (raw.clamp(-1, 1) - raw).detach() + epsilon * raw  # straight-through clamp
         return (x + delta).clamp(0, 1)
 
@@ -133,7 +141,8 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
 
     Trains each authorized key from its θ0 (its trajectory), each surrogate, and each of
     ``config.other_seeds`` (of the first key's architecture); with a ``feature_backbone``, computes its class centroids; in
-    generator mode, fits the generator. ``cache_dir`` makes the build resumable.
+    generator mode, fits the generator; with ``config.class_share``, the class codes.
+    ``cache_dir`` makes the build resumable.
 
     Under a ``torch.distributed`` group (``accelerate launch``) every process must call this
     with the same arguments: each optimization step is shared among them
@@ -184,6 +193,10 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         state.generator = fit_generator(state, images, labels, feature_backbone=feature_backbone, cache_dir=cache, verbose=verbose,
                                         ranks=ranks)
         lap("generator")
+    if config.class_share:
+        state.class_codes = fit_generator(state, images, labels, class_only=True, feature_backbone=feature_backbone, cache_dir=cache,
+                                          verbose=verbose, ranks=ranks)
+        lap("class_codes")
     return state
 
 
@@ -197,24 +210,33 @@ def class_centroids(backbone: nn.Module, images: torch.Tensor, labels: torch.Ten
     return torch.stack([feats[labels == c].mean(0) for c in range(num_classes)])
 
 
-def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor, *, feature_backbone: Optional[nn.Module] = None,
-                  cache_dir: Optional[Path] = None, verbose: bool = True, ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
+def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor, *, class_only: bool = False,
+                  feature_backbone: Optional[nn.Module] = None, cache_dir: Optional[Path] = None, verbose: bool = True,
+                  ranks: Ranks = Ranks()) -> dict[str, torch.Tensor]:
     """Fit the generator on a seeded sample of ``config.generator_sample`` images with the
-    same objective the per-sample search minimizes; returns its weights.
+    same objective the per-sample search minimizes; returns its weights. With ``class_only``,
+    fit the class codes alone instead (``Generator(per_image=False)`` on the low-frequency
+    grid, at ``class_share·ε``, for ``class_epochs``): the class-consistent part of δ.
 
     Data-parallel over ``ranks`` like the rest of the build, checkpointed after every epoch
     into ``cache_dir`` and resumed from there."""
-    checkpoints = Checkpoints(cache_dir, "generator", ranks)
+    cfg, device = state.config, default_device()
+    name, epochs, epsilon = ("class-codes", cfg.class_epochs, cfg.class_share * cfg.epsilon) if class_only else \
+        ("generator", cfg.generator_epochs, cfg.epsilon)
+    checkpoints = Checkpoints(cache_dir, name, ranks)
     if (weights := checkpoints.finished()) is not None:
         return weights
-    cfg, device = state.config, default_device()
-    sample = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator-sample"))[:cfg.generator_sample]
+    sample = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, f"{name}-sample"))[:cfg.generator_sample]
     images, labels = images[sample], labels[sample]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:])).to(device)
+        generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:]), per_image=not class_only,
+                              factor=cfg.low_frequency_factor if class_only else 1).to(device)
     objective = Objective(state, feature_backbone, device)
-    optimizer = torch.optim.Adam([{"params": generator.net.parameters(), "lr": 1e-3}, {"params": [generator.codes], "lr": 2e-2}])
+    groups = [{"params": [generator.codes], "lr": 2e-2}]
+    if generator.net is not None:
+        groups.insert(0, {"params": generator.net.parameters(), "lr": 1e-3})
+    optimizer = torch.optim.Adam(groups)
     start = 0
     if (ckpt := checkpoints.last_epoch()) is not None:
         start = ckpt["epoch"] + 1
@@ -222,9 +244,9 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
         optimizer.load_state_dict(ckpt["optimizer"])
     batch = min(cfg.batch_size, len(labels))
     steps_per_epoch = math.ceil(len(labels) / batch)
-    bar = progress_bar(total=cfg.generator_epochs * steps_per_epoch, initial=start * steps_per_epoch, desc="generator", verbose=verbose)
-    for epoch in range(start, cfg.generator_epochs):
-        order = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, "generator", epoch))
+    bar = progress_bar(total=epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=name, verbose=verbose)
+    for epoch in range(start, epochs):
+        order = torch.randperm(len(labels), generator=seeded_generator(cfg.seed, name, epoch))
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             pieces = idx.tensor_split(cfg.micro_batches)
@@ -233,8 +255,8 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
                 if len(pieces[k]) == 0:
                     return None
                 x, y = to_float(images[pieces[k]], device), labels[pieces[k]].to(device)
-                gen = seeded_generator(cfg.seed, "generator", epoch, i, k)
-                return objective(x, generator(x, y, cfg.epsilon), y, gen) * (len(pieces[k]) / len(idx))
+                gen = seeded_generator(cfg.seed, name, epoch, i, k)
+                return objective(x, generator(x, y, epsilon), y, gen) * (len(pieces[k]) / len(idx))
 
             loss = data_parallel_gradients(generator, micro_loss, cfg.micro_batches, ranks)
             optimizer.step()

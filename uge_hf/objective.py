@@ -129,7 +129,7 @@ def decayed_step(first: float, k: int, steps: int) -> float:
 
 
 def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                           steps: int, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           steps: int, start: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
 
     ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
@@ -143,24 +143,32 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     s·ε; δ_high keeps (1 - s)·ε, so ``‖δ‖∞ ≤ ε`` still holds. JPEG and smoothing remove high
     frequencies, which a low-frequency component survives (the subspace of Guo et al. 2018,
     "Low Frequency Adversarial Perturbation"). Each part's step is its share of the step.
+
+    With ``config.class_share = c > 0``, ``offset`` is the class-consistent part δ_c (the
+    class codes' output minus ``x``, within c·ε, ``x + offset`` in [0, 1]): it stays fixed, and
+    δ_high keeps (1 - s - c)·ε on top of it.
     """
     cfg = objective.config
     eps = cfg.epsilon
+    if (offset is None) != (cfg.class_share == 0):
+        raise ValueError("pass offset (the class codes' δ_c) exactly when config.class_share > 0")
     eps_low = cfg.low_frequency * eps
+    eps_high = eps - eps_low - cfg.class_share * eps
     height, width = x.shape[-2:]
+    base = x if offset is None else x + offset
     # Each part of δ: (value, lower bound, upper bound, share of the step).
-    high_lo, high_hi = (-x).clamp(min=-(eps - eps_low)), (1 - x).clamp(max=eps - eps_low)
-    high = torch.zeros_like(x) if start is None else (start - x).clamp(high_lo, high_hi)
-    parts = [(high, high_lo, high_hi, (eps - eps_low) / eps)]
+    high_lo, high_hi = (-base).clamp(min=-eps_high), (1 - base).clamp(max=eps_high)
+    high = torch.zeros_like(x) if start is None else (start - base).clamp(high_lo, high_hi)
+    parts = [(high, high_lo, high_hi, eps_high / eps)]
     if eps_low:
         f = cfg.low_frequency_factor
         parts.append((x.new_zeros(*x.shape[:-2], -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
 
     def perturbed(deltas: list[torch.Tensor]) -> torch.Tensor:
         if len(deltas) == 1:  # δ_high alone is within the image's box already
-            return x + deltas[0]
+            return base + deltas[0]
         low = F.interpolate(deltas[1], size=(height, width), mode="bilinear", align_corners=False)
-        return (x + deltas[0] + low).clamp(0, 1)
+        return (base + deltas[0] + low).clamp(0, 1)
 
     first = cfg.step_size or eps / 2
     # Keys take turns from a key drawn per batch, so that over the batches each key matches as

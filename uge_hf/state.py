@@ -1,5 +1,6 @@
 """The shared state of a run: the key's trajectory, the common feature space (surrogates, or
-a backbone's class centroids), trajectories of other seeds, and the generator's weights.
+a backbone's class centroids), trajectories of other seeds, and the generator's weights (or
+the class codes of δ's class-consistent part).
 
 Built once by :mod:`uge_hf.fitting`, used by :mod:`uge_hf.objective` and
 :mod:`uge_hf.transform`. It holds θ0 (the trajectory starts there): it is saved 0600, and
@@ -43,6 +44,7 @@ class SharedState:
     centroids: Optional[torch.Tensor] = None  # for a user-supplied feature backbone
     backbone_fingerprint: Optional[str] = None
     generator: Optional[dict[str, torch.Tensor]] = None
+    class_codes: Optional[dict[str, torch.Tensor]] = None  # a Generator(per_image=False), with config.class_share
     image_size: tuple[int, int] = (32, 32)
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per phase; not part of the state
 
@@ -60,6 +62,8 @@ class SharedState:
             out["centroids"] = self.centroids
         if self.generator is not None:
             out.update({f"generator.{k}": v for k, v in self.generator.items()})
+        if self.class_codes is not None:
+            out.update({f"class_codes.{k}": v for k, v in self.class_codes.items()})
         return {k: v.contiguous() for k, v in out.items()}
 
     def metadata(self) -> dict:
@@ -68,7 +72,8 @@ class SharedState:
                 "trajectory_lengths": [len(t) for t in self.trajectories], "surrogates": [a for a, _ in self.surrogates],
                 "other_trajectories": [len(t) for t in self.other_trajectories],
                 "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
-                "has_generator": self.generator is not None, "uge_hf_version": __version__}
+                "has_generator": self.generator is not None, "has_class_codes": self.class_codes is not None,
+                "uge_hf_version": __version__}
 
     @property
     def fingerprint(self) -> str:
@@ -115,5 +120,6 @@ class SharedState:
             surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
             other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],
             centroids=tensors.get("centroids"), backbone_fingerprint=meta["backbone_fingerprint"],
-            generator=group("generator.") if meta["has_generator"] else None, image_size=tuple(meta["image_size"]),
+            generator=group("generator.") if meta["has_generator"] else None,
+            class_codes=group("class_codes.") if meta.get("has_class_codes") else None, image_size=tuple(meta["image_size"]),
         )

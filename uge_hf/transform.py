@@ -2,8 +2,9 @@
 fingerprinted callable that ``datasets.Dataset.map`` runs.
 
 Per-sample mode searches δ by projected signed-gradient steps on the objective
-(:mod:`uge_hf.objective`); generator mode runs the fitted generator once (optionally refined by a few
-per-sample steps). Every random choice of a batch (trajectory checkpoint, augmentation) is
+(:mod:`uge_hf.objective`), on top of the class codes' fixed part with ``class_share``;
+generator mode runs the fitted generator once (optionally refined by a few per-sample
+steps). Every random choice of a batch (trajectory checkpoint, augmentation) is
 seeded by the run's seed and the batch's *content*, so a batch gives the same bytes in any
 process, on any number of processes, in any order.
 """
@@ -80,6 +81,7 @@ class UGETransform:
         self.feature_backbone, self.verbose = feature_backbone, verbose
         self._objective: Optional[Objective] = None
         self._generator: Optional[Generator] = None
+        self._class_codes: Optional[Generator] = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -147,10 +149,16 @@ class UGETransform:
     def _bind(self, device: torch.device) -> None:
         if self._objective is None:
             self._objective = Objective(self.state, self.feature_backbone, device)
-            if self.state.generator is not None:
-                self._generator = Generator(self.state.in_channels, self.state.num_classes, self.state.image_size)
-                self._generator.load_state_dict(self.state.generator)
+            state = self.state
+            if state.generator is not None:
+                self._generator = Generator(state.in_channels, state.num_classes, state.image_size)
+                self._generator.load_state_dict(state.generator)
                 frozen(self._generator.to(device).eval())
+            if state.class_codes is not None:
+                self._class_codes = Generator(state.in_channels, state.num_classes, state.image_size, per_image=False,
+                                              factor=self.config.low_frequency_factor)
+                self._class_codes.load_state_dict(state.class_codes)
+                frozen(self._class_codes.to(device).eval())
 
     def perturb(self, images: Sequence[torch.Tensor], labels: torch.Tensor, device: Optional[torch.device] = None) -> list[torch.Tensor]:
         """Protect one batch: ``uint8`` ``(C, H, W)`` images (sizes may differ) and labels in,
@@ -168,7 +176,11 @@ class UGETransform:
             gen = seeded_generator(cfg.seed, hashlib.sha256(clean.numpy().tobytes() + labels[idx].numpy().tobytes()).hexdigest())
             x, y = to_float(clean, device), labels[idx].to(device)
             if self._generator is None:
-                x_u = signed_gradient_search(self._objective, x, y, gen, cfg.steps)
+                offset = None
+                if self._class_codes is not None:
+                    with torch.no_grad():
+                        offset = self._class_codes(x, y, cfg.class_share * cfg.epsilon) - x
+                x_u = signed_gradient_search(self._objective, x, y, gen, cfg.steps, offset=offset)
             else:
                 with torch.no_grad():  # in chunks: a chunk's activations stay in cache (2x faster on a CPU core)
                     start = torch.cat([self._generator(xc, yc, cfg.epsilon)
