@@ -183,6 +183,11 @@ class ProtectConfig:
         clean one (ε·255 rounded down, with slack for the float error of k/255)."""
         return math.floor(self.epsilon * 255 + 1e-6)
 
+    @property
+    def class_epsilon(self) -> float:
+        """The L∞ budget of the class-consistent part of δ, ``class_share · epsilon`` (0-1 scale)."""
+        return self.class_share * self.epsilon
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -70,6 +70,13 @@ class Generator(nn.Module):
         return (x + delta).clamp(0, 1)
 
 
+def build_generator(state: SharedState, *, class_only: bool = False) -> Generator:
+    """The untrained generator of ``state``'s run, or with ``class_only`` its class codes (on
+    the low-frequency grid): what :func:`fit_generator` fits and the transform loads."""
+    factor = state.config.low_frequency_factor if class_only else 1
+    return Generator(state.in_channels, state.num_classes, state.image_size, per_image=not class_only, factor=factor)
+
+
 class Checkpoints:
     """Where one optimization of the build keeps its progress in ``cache_dir``:
     ``{name}.resume.pt`` after every epoch, ``{name}.safetensors`` once finished. Every
@@ -221,7 +228,7 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
     Data-parallel over ``ranks`` like the rest of the build, checkpointed after every epoch
     into ``cache_dir`` and resumed from there."""
     cfg, device = state.config, default_device()
-    name, epochs, epsilon = ("class-codes", cfg.class_epochs, cfg.class_share * cfg.epsilon) if class_only else \
+    name, epochs, epsilon = ("class-codes", cfg.class_epochs, cfg.class_epsilon) if class_only else \
         ("generator", cfg.generator_epochs, cfg.epsilon)
     checkpoints = Checkpoints(cache_dir, name, ranks)
     if (weights := checkpoints.finished()) is not None:
@@ -230,8 +237,7 @@ def fit_generator(state: SharedState, images: torch.Tensor, labels: torch.Tensor
     images, labels = images[sample], labels[sample]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        generator = Generator(state.in_channels, state.num_classes, tuple(images.shape[-2:]), per_image=not class_only,
-                              factor=cfg.low_frequency_factor if class_only else 1).to(device)
+        generator = build_generator(state, class_only=class_only).to(device)
     objective = Objective(state, feature_backbone, device)
     groups = [{"params": [generator.codes], "lr": 2e-2}]
     if generator.net is not None:

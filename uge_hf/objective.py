@@ -153,7 +153,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     if (offset is None) != (cfg.class_share == 0):
         raise ValueError("pass offset (the class codes' δ_c) exactly when config.class_share > 0")
     eps_low = cfg.low_frequency * eps
-    eps_high = eps - eps_low - cfg.class_share * eps
+    eps_high = eps - eps_low - cfg.class_epsilon
     height, width = x.shape[-2:]
     base = x if offset is None else x + offset
     # Each part of δ: (value, lower bound, upper bound, share of the step).

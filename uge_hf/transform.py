@@ -23,7 +23,7 @@ import torch.nn as nn
 from . import __version__
 from .config import ProtectConfig
 from .data import encode_png, find_columns, load_tensors, to_pixels, validate_labels
-from .fitting import Generator, build_shared_state
+from .fitting import Generator, build_generator, build_shared_state
 from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
 from .state import SharedState
@@ -149,16 +149,16 @@ class UGETransform:
     def _bind(self, device: torch.device) -> None:
         if self._objective is None:
             self._objective = Objective(self.state, self.feature_backbone, device)
-            state = self.state
-            if state.generator is not None:
-                self._generator = Generator(state.in_channels, state.num_classes, state.image_size)
-                self._generator.load_state_dict(state.generator)
-                frozen(self._generator.to(device).eval())
-            if state.class_codes is not None:
-                self._class_codes = Generator(state.in_channels, state.num_classes, state.image_size, per_image=False,
-                                              factor=self.config.low_frequency_factor)
-                self._class_codes.load_state_dict(state.class_codes)
-                frozen(self._class_codes.to(device).eval())
+
+            def loaded(weights: Optional[dict], class_only: bool) -> Optional[Generator]:
+                if weights is None:
+                    return None
+                generator = build_generator(self.state, class_only=class_only)
+                generator.load_state_dict(weights)
+                return frozen(generator.to(device).eval())
+
+            self._generator = loaded(self.state.generator, False)
+            self._class_codes = loaded(self.state.class_codes, True)
 
     def perturb(self, images: Sequence[torch.Tensor], labels: torch.Tensor, device: Optional[torch.device] = None) -> list[torch.Tensor]:
         """Protect one batch: ``uint8`` ``(C, H, W)`` images (sizes may differ) and labels in,
@@ -179,7 +179,7 @@ class UGETransform:
                 offset = None
                 if self._class_codes is not None:
                     with torch.no_grad():
-                        offset = self._class_codes(x, y, cfg.class_share * cfg.epsilon) - x
+                        offset = self._class_codes(x, y, cfg.class_epsilon) - x
                 x_u = signed_gradient_search(self._objective, x, y, gen, cfg.steps, offset=offset)
             else:
                 with torch.no_grad():  # in chunks: a chunk's activations stay in cache (2x faster on a CPU core)
