@@ -70,13 +70,19 @@ VARIANTS = {
     # (and the one-key run without it, for the hackers' comparison).
     "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
     "no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
+    # Keys in turn, each weighted by the number of keys on its turn: over a batch each key pulls
+    # as hard as a lone key does, at the cost of one key per matching step.
+    "convnet+resnet-small-gm2": {"lambda_gm": 2.0},
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
-        "convnet+resnet-small-no-resnet-sur": [("resnet-small", 0)]}
+        "convnet+resnet-small-no-resnet-sur": [("resnet-small", 0)], "convnet+resnet-small-gm2": [("resnet-small", 0)]}
 # Each two-key variant again, matching every key on each matching step instead of one in turn.
 VARIANTS.update({f"{v}-every-key": {"match_every_key": True} for v in ("two-convnets", "convnet+resnet-small")})
 KEYS.update({f"{v}-every-key": KEYS[v] for v in ("two-convnets", "convnet+resnet-small")})
+# A convnet key beside the benchmark's key (run with --key resnet-small: the pair above, compared
+# with the resnet-small key's own one-key run in the same run).
+VARIANTS["plus-convnet-every-key"], KEYS["plus-convnet-every-key"] = {"match_every_key": True}, [("convnet", 0)]
 
 
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:
