@@ -279,6 +279,32 @@ def test_low_frequency_part_of_delta_is_smooth_within_its_share_and_the_budget(s
     assert per_pixel < 0.3 < mixed < 0.9 < low  # 0.13, 0.62, 0.95: all, half and none of ε per pixel
 
 
+def test_luminance_delta_is_one_channel_that_grayscale_keeps_whole(small_train, key):
+    from dataclasses import replace
+
+    import kornia
+
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.utils import seeded_generator
+
+    images, labels = load_tensors(small_train, "img", "label", 3, rows=range(32), verbose=False)
+    state = build_shared_state(images, labels, key, ProtectConfig.preset("fast"), verbose=False)
+    x, eps = images.float() / 255, 8 / 255
+    grayscale = kornia.color.rgb_to_grayscale  # what the grayscale attack applies, before it rounds to uint8
+    for share in (0.0, 0.5):
+        objective = Objective(replace(state, config=replace(state.config, luminance=True, low_frequency=share)))
+        x_u = signed_gradient_search(objective, x, labels, seeded_generator(0, "test"), 4)
+        delta = x_u - x
+        assert x_u.min() >= 0 and x_u.max() <= 1 and delta.abs().max() <= eps + 1e-6 and delta.abs().mean() > eps / 4
+        assert (delta - delta.mean(1, keepdim=True)).abs().max() < 1e-6  # grey on every pixel, clipped ones too
+        # what grayscale leaves of δ: all of it, where it averages a per-channel δ of the same budget down
+        kept = (grayscale(x_u) - grayscale(x)).abs().mean() / delta.abs().mean()
+        assert kept > 0.99
+    per_channel = signed_gradient_search(Objective(state), x, labels, seeded_generator(0, "test"), 4) - x
+    assert (grayscale(x + per_channel) - grayscale(x)).abs().mean() / per_channel.abs().mean() < 0.8
+
+
 def test_config_checks_the_low_frequency_share():
     assert ProtectConfig(low_frequency=0.5).low_frequency_factor == 4
     with pytest.raises(ValueError, match=r"low_frequency is the share of epsilon.*in \[0, 1\]"):
@@ -287,6 +313,10 @@ def test_config_checks_the_low_frequency_share():
         ProtectConfig(low_frequency=0.5, low_frequency_factor=1)
     with pytest.raises(ValueError, match="pass refine_steps > 0"):
         ProtectConfig(low_frequency=0.5, mode="generator")
+    with pytest.raises(ValueError, match="luminance must be True or False"):
+        ProtectConfig(luminance="yes")
+    with pytest.raises(ValueError, match="use luminance with mode='per-sample'"):
+        ProtectConfig(luminance=True, class_share=0.5)
 
 
 def test_class_consistent_part_of_delta_is_one_coarse_pattern_per_class_within_its_share(tmp_path, small_train, key):

@@ -51,6 +51,12 @@ def _integer(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _boolean(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
 def _real(name: str, value, minimum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= minimum:
         raise ValueError(f"{name} must be a number >= {minimum}; got {value!r}")
@@ -81,6 +87,10 @@ class ProtectConfig:
     # coarser than the image and upsampled (objective.signed_gradient_search); 0: none.
     low_frequency: float = 0.0
     low_frequency_factor: int = 4
+    # δ the same on every channel (a luminance perturbation): a grayscale conversion, whose
+    # weights sum to 1, keeps it whole, and JPEG keeps luma at full resolution while it
+    # subsamples and quantizes the chroma harder. A third of the degrees of freedom.
+    luminance: bool = False
     # Share of ε given to a class-consistent part of δ: one pattern per class on that same coarse
     # grid, fitted once on the shared state (class_epochs epochs over generator_sample rows) and
     # added to every image of its class; the per-sample search keeps the rest. 0: none.
@@ -131,9 +141,8 @@ class ProtectConfig:
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency", "class_share"):
             put(name, _real(name, getattr(self, name), 0.0))
-        if not isinstance(self.match_every_key, (bool, np.bool_)):
-            raise ValueError(f"match_every_key must be True or False; got {self.match_every_key!r}")
-        put("match_every_key", bool(self.match_every_key))
+        for name in ("match_every_key", "luminance"):
+            put(name, _boolean(name, getattr(self, name)))
         if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
         if not 0 <= self.low_frequency <= 1:
@@ -144,6 +153,9 @@ class ProtectConfig:
         if self.low_frequency + self.class_share > 1:
             raise ValueError(f"low_frequency ({self.low_frequency}) and class_share ({self.class_share}) are shares of one epsilon: "
                              "their sum must not exceed 1")
+        if self.luminance and (self.class_share or (self.mode == "generator" and not self.refine_steps)):
+            raise ValueError("luminance shapes the per-sample search's δ; the class codes and the generator are per channel: "
+                             "use luminance with mode='per-sample' (or refine_steps > 0) and class_share=0")
         if self.class_share and self.mode == "generator":
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")

@@ -144,6 +144,9 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     frequencies, which a low-frequency component survives (the subspace of Guo et al. 2018,
     "Low Frequency Adversarial Perturbation"). Each part's step is its share of the step.
 
+    With ``config.luminance``, every part of δ has one channel, added to all ``C``: grayscale
+    keeps such a δ whole (its weights sum to 1), where it averages a per-channel δ away.
+
     With ``config.class_share = c > 0``, ``offset`` is the class-consistent part δ_c (the
     class codes' output minus ``x``, within c·ε, ``x + offset`` in [0, 1]): it stays fixed, and
     δ_high keeps (1 - s - c)·ε on top of it.
@@ -156,19 +159,27 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     eps_high = eps - eps_low - cfg.class_epsilon
     height, width = x.shape[-2:]
     base = x if offset is None else x + offset
+    # The δ that keeps x + δ in [0, 1]: per channel, or for a luminance δ (one channel,
+    # broadcast to all) per pixel, so that clipping it never parts the channels.
+    box_lo, box_hi = -base, 1 - base
+    high = None if start is None else start - base
+    if cfg.luminance:
+        box_lo, box_hi = box_lo.amax(1, keepdim=True), box_hi.amin(1, keepdim=True)
+        high = None if high is None else high.mean(1, keepdim=True)
     # Each part of δ: (value, lower bound, upper bound, share of the step).
-    high_lo, high_hi = (-base).clamp(min=-eps_high), (1 - base).clamp(max=eps_high)
-    high = torch.zeros_like(x) if start is None else (start - base).clamp(high_lo, high_hi)
+    high_lo, high_hi = box_lo.clamp(min=-eps_high), box_hi.clamp(max=eps_high)
+    high = torch.zeros_like(high_lo) if high is None else high.clamp(high_lo, high_hi)
     parts = [(high, high_lo, high_hi, eps_high / eps)]
     if eps_low:
         f = cfg.low_frequency_factor
-        parts.append((x.new_zeros(*x.shape[:-2], -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
+        channels = 1 if cfg.luminance else x.shape[1]
+        parts.append((x.new_zeros(x.shape[0], channels, -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
 
     def perturbed(deltas: list[torch.Tensor]) -> torch.Tensor:
         if len(deltas) == 1:  # δ_high alone is within the image's box already
             return base + deltas[0]
         low = F.interpolate(deltas[1], size=(height, width), mode="bilinear", align_corners=False)
-        return (base + deltas[0] + low).clamp(0, 1)
+        return base + (deltas[0] + low).clamp(box_lo, box_hi)
 
     first = cfg.step_size or eps / 2
     # Keys take turns from a key drawn per batch, so that over the batches each key matches as
