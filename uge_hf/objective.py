@@ -162,18 +162,19 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     # The δ that keeps x + δ in [0, 1]: per channel, or for a luminance δ (one channel,
     # broadcast to all) per pixel, so that clipping it never parts the channels.
     box_lo, box_hi = -base, 1 - base
-    high = None if start is None else start - base
     if cfg.luminance:
         box_lo, box_hi = box_lo.amax(1, keepdim=True), box_hi.amin(1, keepdim=True)
-        high = None if high is None else high.mean(1, keepdim=True)
     # Each part of δ: (value, lower bound, upper bound, share of the step).
     high_lo, high_hi = box_lo.clamp(min=-eps_high), box_hi.clamp(max=eps_high)
-    high = torch.zeros_like(high_lo) if high is None else high.clamp(high_lo, high_hi)
+    if start is None:
+        high = torch.zeros_like(high_lo)
+    else:  # a generator's δ, averaged over the channels for a luminance δ
+        high = (start - base).mean(1, keepdim=True) if cfg.luminance else start - base
+        high = high.clamp(high_lo, high_hi)
     parts = [(high, high_lo, high_hi, eps_high / eps)]
     if eps_low:
         f = cfg.low_frequency_factor
-        channels = 1 if cfg.luminance else x.shape[1]
-        parts.append((x.new_zeros(x.shape[0], channels, -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
+        parts.append((x.new_zeros(*box_lo.shape[:2], -(-height // f), -(-width // f)), -eps_low, eps_low, eps_low / eps))
 
     def perturbed(deltas: list[torch.Tensor]) -> torch.Tensor:
         if len(deltas) == 1:  # δ_high alone is within the image's box already
