@@ -362,3 +362,61 @@ def test_config_checks_the_class_share():
         ProtectConfig(class_share=0.5, mode="generator")
     with pytest.raises(ValueError, match="class_epochs must be an integer >= 1"):
         ProtectConfig(class_share=0.5, class_epochs=0)
+
+
+def test_robust_surrogates_are_adversarially_trained_and_the_rest_of_the_state_is_unchanged(small_train, key):
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from uge_hf.attacks import pgd_training
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.models import create_model
+
+    assert ProtectConfig(surrogate_epsilon="2/255").surrogate_epsilon == 2 / 255
+    with pytest.raises(ValueError, match="epsilon must lie in"):
+        ProtectConfig(surrogate_epsilon=-1 / 255)
+    images, labels = load_tensors(small_train, "img", "label", 3, verbose=False)
+    config = ProtectConfig.preset("fast", surrogate_epochs=3)
+    standard = build_shared_state(images, labels, key, config, verbose=False)
+    robust = build_shared_state(images, labels, key, replace(config, surrogate_epsilon=4 / 255), verbose=False)
+    again = build_shared_state(images, labels, key, replace(config, surrogate_epsilon=4 / 255), verbose=False)
+    assert robust.fingerprint == again.fingerprint != standard.fingerprint
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(robust.trajectories[0], standard.trajectories[0]) for k in a)
+
+    def loss_under_attack(state) -> tuple[float, float]:  # cross-entropy on the fit rows, clean and under PGD-5 at 4/255
+        arch, weights = state.surrogates[0]
+        model = create_model(arch)
+        model.load_state_dict(weights)
+        x, y = images.float() / 255, labels
+        x_adv, _ = pgd_training(model, 4 / 255, steps=5)(x, y, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return F.cross_entropy(model.eval()(x), y).item(), F.cross_entropy(model(x_adv), y).item()
+
+    (clean_std, adv_std), (clean_rob, adv_rob) = loss_under_attack(standard), loss_under_attack(robust)
+    assert adv_rob - clean_rob < adv_std - clean_std  # the adversary gains less against the robust surrogate
+
+
+def test_momentum_steps_follow_the_running_sum_of_normalized_gradients(small_train, key):
+    from dataclasses import replace
+
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective, signed_gradient_search
+    from uge_hf.utils import seeded_generator
+
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
+        ProtectConfig(momentum=1.0)
+    images, labels = load_tensors(small_train, "img", "label", 3, rows=range(32), verbose=False)
+    state = build_shared_state(images, labels, key, ProtectConfig.preset("fast"), verbose=False)
+    x = images.float() / 255
+
+    def search(momentum: float, steps: int = 6) -> torch.Tensor:
+        objective = Objective(replace(state, config=replace(state.config, momentum=momentum)))
+        return signed_gradient_search(objective, x, labels, seeded_generator(0, "test"), steps)
+
+    # The first velocity is the normalized gradient itself, whose sign is the gradient's: one step
+    # is the plain step. Later steps follow the running sum, and stay within the budget.
+    assert torch.equal(search(0.0, steps=1), search(0.9, steps=1))
+    plain, heavy = search(0.0), search(0.9)
+    assert not torch.equal(plain, heavy) and (heavy - x).abs().max() <= 8 / 255 + 1e-6
+    assert torch.equal(heavy, search(0.9))

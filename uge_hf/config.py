@@ -82,6 +82,10 @@ class ProtectConfig:
     steps: int = 10
     step_size: Optional[float] = None  # first signed step; None: epsilon / 2, decayed linearly to a tenth
     batch_size: int = 250  # rows perturbed together; batches are fixed by row index
+    # Momentum of the signed steps (MI-FGSM, Dong et al. 2018): each step follows the sign of
+    # μ·m + g/mean|g|, so δ averages the gradients of the steps' random crops and checkpoints
+    # instead of chasing the last one's. 0: plain signed steps.
+    momentum: float = 0.0
     resize: Optional[tuple[int, int]] = None  # (width, height) every image is resized to; None: native sizes
     # Share of ε given to a low-frequency part of δ, searched on a grid low_frequency_factor times
     # coarser than the image and upsampled (objective.signed_gradient_search); 0: none.
@@ -113,6 +117,11 @@ class ProtectConfig:
     trajectory_epochs: int = 15
     surrogates: tuple[str, ...] = DEFAULT_SURROGATES
     surrogate_epochs: int = 8
+    # ε (pixel scale 0-1) of the surrogates' adversarial training, PGD with the true labels
+    # (uge_hf.attacks.pgd_training, SURROGATE_PGD_STEPS steps); 0: standard training. Targeted
+    # perturbations of slightly robust models transfer further to other architectures
+    # (Springer et al. 2021, "A Little Robustness Goes a Long Way").
+    surrogate_epsilon: float = 0.0
     other_seeds: tuple[int, ...] = ()  # trajectories of the key's architecture used by L_bind
     # L_bind matches only the first k checkpoints of each other seed's trajectory (0: all but the
     # last), where initializations differ most (bench/binding.py).
@@ -139,12 +148,14 @@ class ProtectConfig:
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
-        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency", "class_share"):
+        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
             put(name, _real(name, getattr(self, name), 0.0))
         for name in ("match_every_key", "luminance"):
             put(name, _boolean(name, getattr(self, name)))
         if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must lie in [0, 1) (0.9 is usual); got {self.momentum!r}")
         if not 0 <= self.low_frequency <= 1:
             raise ValueError(f"low_frequency is the share of epsilon given to the low-frequency part of δ, in [0, 1]; got {self.low_frequency!r}")
         if self.low_frequency and self.mode == "generator" and not self.refine_steps:
@@ -159,6 +170,8 @@ class ProtectConfig:
         if self.class_share and self.mode == "generator":
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")
+        if self.surrogate_epsilon != 0:
+            put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon))
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
         if self.fit_sample is not None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from .attacks import BatchTransform, pgd_training
 from .config import ProtectConfig
 from .key import AuthorizedModel, authorized_keys
 from .models import create_model
@@ -31,8 +32,9 @@ from .state import SharedState
 from .training import RECIPES, TrainConfig, to_float, train_model
 from .utils import atomic_write, default_device, private_dir, progress_bar, seeded_generator, tensors_fingerprint
 
-STATE_WEIGHTS = "state.safetensors"
-STATE_CONFIG = "state.json"
+# PGD steps of the surrogates' adversarial training (ProtectConfig.surrogate_epsilon): each
+# costs one more forward and backward pass per batch, and a slightly robust model needs few.
+SURROGATE_PGD_STEPS = 2
 
 
 class Generator(nn.Module):
@@ -107,9 +109,11 @@ class Checkpoints:
 
 def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
                        seed: int, cache_dir: Optional[Path], keep_trajectory: bool, verbose: bool,
-                       ranks: Ranks = Ranks(), stop_epoch: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
+                       ranks: Ranks = Ranks(), stop_epoch: Optional[int] = None,
+                       batch_transform: Optional[BatchTransform] = None) -> list[dict[str, torch.Tensor]]:
     """Train ``model`` and return its weights after every epoch (or only the last),
-    θ0 first when ``keep_trajectory``; ``stop_epoch`` ends it early, as ``train_model`` does.
+    θ0 first when ``keep_trajectory``; ``stop_epoch`` ends it early and ``batch_transform``
+    changes every batch, as in ``train_model``.
     With ``cache_dir`` the job saves a checkpoint after each epoch and a rerun resumes from the
     last one."""
     snapshot = lambda m: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
@@ -129,7 +133,7 @@ def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels
         checkpoints.save_epoch({"epoch": epoch, "model": m.state_dict(), "optimizer": optimizer.state_dict(), "weights": weights})
 
     train_model(model, images, labels, config, seed, start_epoch=start, stop_epoch=stop_epoch, optimizer_state=opt_state,
-                on_epoch_end=on_epoch_end, ranks=ranks, desc=name, verbose=verbose)
+                on_epoch_end=on_epoch_end, batch_transform=batch_transform, ranks=ranks, desc=name, verbose=verbose)
     weights = weights if keep_trajectory else [snapshot(model)]
     checkpoints.finish({f"{t}.{k}": v for t, w in enumerate(weights) for k, v in w.items()})
     return weights
@@ -182,8 +186,9 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed * 1000 + 101 + i)
             model = create_model(arch, key.num_classes, key.in_channels)
+        robust = pgd_training(model, config.surrogate_epsilon, SURROGATE_PGD_STEPS) if config.surrogate_epsilon else None
         weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, replace(recipe, epochs=config.surrogate_epochs),
-                                     config.seed + 1 + i, cache, False, verbose, ranks)
+                                     config.seed + 1 + i, cache, False, verbose, ranks, batch_transform=robust)
         surrogates.append((arch, weights[-1]))
     centroids = backbone_fp = None
     if feature_backbone is not None:

@@ -136,7 +136,8 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
     misaligned direction, small ones settle the gradient match. Several keys take turns on
     the matching steps (or all match on each, with ``config.match_every_key``). ``start``
-    (a generator's output) seeds δ (its per-pixel part).
+    (a generator's output) seeds δ (its per-pixel part). With ``config.momentum = μ > 0`` the
+    steps follow the sign of a running sum of normalized gradients (MI-FGSM, Dong et al. 2018).
 
     With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
     ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
@@ -188,6 +189,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     # first key both). One key draws nothing, which keeps its bytes.
     # (With match_every_key the draw is unused; it stays so that the bytes stay put.)
     turn = int(torch.randint(objective.num_keys, (1,), generator=gen)) if objective.num_keys > 1 else 0
+    velocity = [torch.zeros_like(d) for d, *_ in parts]
     for k in range(steps):
         deltas = [d.requires_grad_(True) for d, *_ in parts]
         match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
@@ -195,6 +197,10 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
         loss = objective(x, perturbed(deltas), y, gen, match=match, key=key)
         turn += match
         grads = torch.autograd.grad(loss, deltas)
+        if cfg.momentum:  # per image, the gradient over its mean magnitude: every image steps alike
+            velocity = [cfg.momentum * v + g / g.abs().mean((1, 2, 3), keepdim=True).clamp(min=1e-12)
+                        for v, g in zip(velocity, grads)]
+            grads = velocity
         step = decayed_step(first, k, steps)
         parts = [(torch.clamp(d.detach() - share * step * g.sign(), lo, hi), lo, hi, share)
                  for (d, lo, hi, share), g in zip(parts, grads)]
