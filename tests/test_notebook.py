@@ -21,9 +21,9 @@ def _pngs(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
-def _table(text: str) -> dict[str, float]:
-    """model -> protected / clean (last epoch), from the printed efficacy table."""
-    return {m: float(r) for m, r in re.findall(r"^\| (.+?) \| none \| [^|]+ \| [^|]+ \| ([\d.]+) \|$", text, re.M)}
+def _table(text: str, attack: str = "none") -> dict[str, float]:
+    """model -> protected / clean (last epoch) under ``attack``, from the printed efficacy table."""
+    return {m: float(r) for m, r in re.findall(rf"^\| (.+?) \| {attack} \| [^|]* \| [^|]+ \| ([\d.]+) \|", text, re.M)}
 
 
 def test_committed_quickstart_shows_a_real_setting_run():
@@ -31,7 +31,7 @@ def test_committed_quickstart_shows_a_real_setting_run():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code), "commit the notebook executed top to bottom"
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
-    assert _pngs(nb) >= 2, "the perturbation picture and the efficacy chart must be kept in the committed notebook"
+    assert _pngs(nb) >= 3, "the perturbation picture, the efficacy chart and the defenses' heatmap must be kept in the committed notebook"
     # The outputs come from the defaults the first cell reads, not from a smaller run.
     defaults = dict(re.findall(r'UGE_HF_QUICKSTART_(\w+)", (\d+)\)', code[0].source))
     assert set(defaults) == set(SIZES)
@@ -44,6 +44,7 @@ def test_committed_quickstart_shows_a_real_setting_run():
     assert "key θ0" in ratios and len(hackers) >= 1
     # What the notebook's text reads off the committed run: the key keeps more of its clean accuracy than any hacker.
     assert ratios["key θ0"] > max(ratios[m] for m in hackers), ratios
+    assert set(_table(text, "jpeg10")) == set(_table(text, "grayscale")) == {"vgg-small"}
 
 
 def test_quickstart_executes_at_a_tiny_setting(monkeypatch):
@@ -61,4 +62,5 @@ def test_quickstart_executes_at_a_tiny_setting(monkeypatch):
     assert "uge_hf:" in text and "key_fingerprint" in text  # the card excerpt
     assert "authorized: loaded 50 rows" in text and "refused: the key does not match" in text
     assert set(_table(text)) == {"key θ0", "vgg-small", "mobilenet-small"}
-    assert _pngs(nb) >= 2
+    assert set(_table(text, "jpeg10")) == set(_table(text, "grayscale")) == {"vgg-small"}  # attacked_models reached evaluate
+    assert _pngs(nb) >= 3

@@ -380,11 +380,11 @@ def evaluate_tensors(clean: tuple[torch.Tensor, torch.Tensor], protected: tuple[
 
 
 def evaluate(protected_train, clean_test, key: AuthorizedModel | Sequence[AuthorizedModel], *, clean_train, hackers: Sequence[str] = DEFAULT_HACKERS,
-             epochs: int = 15, attacks: Sequence[str] = ("none",), attack_clean: bool = False, sibling_seeds: Sequence[int] = (7,),
-             image_column: Optional[str] = None, label_column: Optional[str] = None, seed: int = 0, eval_every: int = 1,
-             verbose: bool = True) -> EvaluationReport:
+             epochs: int = 15, attacks: Sequence[str] = ("none",), attacked_models: Optional[Sequence[str]] = None,
+             attack_clean: bool = False, sibling_seeds: Sequence[int] = (7,), image_column: Optional[str] = None,
+             label_column: Optional[str] = None, seed: int = 0, eval_every: int = 1, verbose: bool = True) -> EvaluationReport:
     """Evaluate a protected ``datasets.Dataset`` against the clean rows it came from
-    (:func:`evaluate_tensors` on the decoded rows).
+    (:func:`evaluate_tensors` on the decoded rows; the arguments are its own).
 
     Example:
         >>> report = evaluate(protected, ds["test"], key, clean_train=ds["train"].select(range(len(protected))),
@@ -404,7 +404,8 @@ def evaluate(protected_train, clean_test, key: AuthorizedModel | Sequence[Author
     for name in attacks:
         get_attack(name)
     return evaluate_tensors(tensors(clean_train), tensors(protected_train), tensors(clean_test), key, hackers=hackers,
-                            sibling_seeds=sibling_seeds, attacks=attacks, attack_clean=attack_clean, train_config=TrainConfig(epochs=epochs),
+                            sibling_seeds=sibling_seeds, attacks=attacks, attacked_models=attacked_models, attack_clean=attack_clean,
+                            train_config=TrainConfig(epochs=epochs),
                             seed=seed, eval_every=eval_every, verbose=verbose)
 
 
