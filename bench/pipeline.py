@@ -35,7 +35,7 @@ def throughput(args, mode: str, work: Path) -> dict:
 
     from uge_hf import AuthorizedModel, ProtectConfig, UGETransform
     from uge_hf.data import load_tensors
-    from uge_hf.protect import protect_shard, shard_plan
+    from uge_hf.protection import protect_shard, shard_plan
     from uge_hf.transform import encode_png, to_pixels
 
     train = load_dataset(str(args.data), split="train").select(range(args.n))

@@ -176,12 +176,13 @@ def test_cli_evaluate_writes_the_figure_into_the_card(protected_dir, small_clean
     folder = tmp_path / "protected"
     shutil.copytree(protected_dir, folder)  # the shared folder stays as the other tests read it
     key.save_pretrained(tmp_path / "key")
-    code = main(["evaluate", str(folder), "--clean", str(small_clean), "--key", str(tmp_path / "key"), "--hackers", "vgg-tiny",
-                 "--epochs", "1", "--attacks", "jpeg10", "--attack-clean", "--figure", str(tmp_path / "fig.png"),
+    code = main(["evaluate", str(folder), "--clean", str(small_clean), "--key", str(tmp_path / "key"), "--hackers", "vgg-tiny,resnet-tiny",
+                 "--attacked-models", "vgg-tiny", "--epochs", "1", "--attacks", "jpeg10", "--attack-clean", "--figure", str(tmp_path / "fig.png"),
                  "--update-card", "--quiet"])
     assert code == 0
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "efficacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = DatasetCard.load(folder / "README.md")
     assert "](efficacy.png)" in card.text and "| vgg-tiny | jpeg10 |" in card.text
+    assert "| resnet-tiny | none |" in card.text and "| resnet-tiny | jpeg10 |" not in card.text  # --attacked-models
     assert "efficacy.png" in [Path(p).name for p in published_files(folder)]

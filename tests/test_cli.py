@@ -87,6 +87,19 @@ def test_python_dash_m_entry_point():
         assert command in out
 
 
+
+def test_public_names_are_the_functions_whatever_was_imported_first():
+    # A submodule named like a lazy export would shadow it once imported (``uge_hf.protect``
+    # became the module after ``uge_hf.cli`` ran ``from .protect import protect``): import every
+    # submodule first, in a fresh interpreter, then ask for each public name.
+    code = ("import importlib, pkgutil, types, uge_hf\n"
+            "for m in pkgutil.iter_modules(uge_hf.__path__):\n"
+            "    if m.name != '__main__': importlib.import_module(f'uge_hf.{m.name}')\n"
+            "bad = [n for n in uge_hf.__all__ if isinstance(getattr(uge_hf, n), types.ModuleType)]\n"
+            "assert not bad, bad\n"
+            "from uge_hf import protect; assert callable(protect)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
 # -- a newcomer's first hour (issue 10): the CLI as a user drives it -------------------------
 
 def cli(*args, **kwargs):

@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 # importing torch and datasets, which take seconds.
 _EXPORTS = {
     "AuthorizedModel": "key", "ProtectConfig": "config", "UGETransform": "transform", "evaluate": "evaluation",
-    "load_protected": "hub", "protect": "protect", "push_to_hub": "hub", "train_authorized": "evaluation", "verify": "hub",
+    "load_protected": "hub", "protect": "protection", "push_to_hub": "hub", "train_authorized": "evaluation", "verify": "hub",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]
 

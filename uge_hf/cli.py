@@ -57,7 +57,7 @@ def parse_resize(value: str) -> tuple[int, int]:
 def _protect(args) -> int:
     from .config import ProtectConfig, parse_epsilon
     from .key import AuthorizedModel
-    from .protect import protect
+    from .protection import protect
 
     overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon else {}
     for name in ("mode", "steps", "seed", "batch_size", "micro_batches", "fit_sample"):
@@ -127,6 +127,7 @@ def _evaluate(args) -> int:
     test = test.select(range(min(len(test), args.test_size))) if args.test_size else test
     report = evaluate(protected, test, keys, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
                       epochs=args.epochs, attacks=["none"] + [a for a in args.attacks.split(",") if a], attack_clean=args.attack_clean,
+                      attacked_models=args.attacked_models.split(",") if args.attacked_models else None,
                       eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
     print(json.dumps(report.summary(), indent=2))
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
                    "mixup, ueraser, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
                    "recipes (recipe-adam, recipe-2x-epochs, recipe-batch-256)")
+    p.add_argument("--attacked-models", help="comma-separated hackers the defenses of --attacks run on (default: every hacker; "
+                   "each costs one training per defense)")
     p.add_argument("--attack-clean", action="store_true", help="also train each attacked model with the attack on the clean rows "
                    "(what the defense costs by itself)")
     p.add_argument("--epochs", type=int, default=15, help="epochs per training")
