@@ -181,6 +181,9 @@ def test_refuses_epsilon_outside_unit_interval(value):
         ProtectConfig(epsilon=value)
     with pytest.raises(ValueError, match="epsilon"):
         parse_epsilon(str(value))
+    if value:  # 0 turns the surrogates' adversarial training off; any other value is judged, by name
+        with pytest.raises(ValueError, match=r"^surrogate_epsilon must lie in \(0, 1\]"):
+            ProtectConfig(surrogate_epsilon=value)
 
 
 def test_refuses_unparsable_epsilon():

@@ -19,9 +19,9 @@ from .training import RECIPES
 MODES = ("per-sample", "generator")
 
 
-def parse_epsilon(value: str | float) -> float:
+def parse_epsilon(value: str | float, name: str = "epsilon") -> float:
     """``"8/255"``, ``"0.03"`` or a number (NumPy's included), as a ``float`` on the 0-1 pixel
-    scale, checked to lie in [1/255, 1].
+    scale, checked to lie in [1/255, 1]; ``name`` is the field the errors name.
 
     Raises:
         ValueError: not a number (``True`` is not one), or outside [1/255, 1]: below one
@@ -36,11 +36,11 @@ def parse_epsilon(value: str | float) -> float:
         else:
             eps = float(value)
     except (TypeError, ValueError, ZeroDivisionError):
-        raise ValueError(f"epsilon {value!r} is not a number; write it like 8/255 or 0.0314") from None
+        raise ValueError(f"{name} {value!r} is not a number; write it like 8/255 or 0.0314") from None
     if not 0 < eps <= 1:
-        raise ValueError(f"epsilon must lie in (0, 1] (pixel scale, 8/255 ≈ 0.031 is usual); got {value!r}")
+        raise ValueError(f"{name} must lie in (0, 1] (pixel scale, 8/255 ≈ 0.031 is usual); got {value!r}")
     if eps * 255 < 1 - 1e-6:
-        raise ValueError(f"epsilon {value!r} is below one 8-bit level (1/255 ≈ 0.0039): no pixel of the PNG output could "
+        raise ValueError(f"{name} {value!r} is below one 8-bit level (1/255 ≈ 0.0039): no pixel of the PNG output could "
                          "change, so nothing would be protected; use at least 1/255 (8/255 is usual)")
     return eps
 
@@ -171,7 +171,7 @@ class ProtectConfig:
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")
         if self.surrogate_epsilon != 0:
-            put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon))
+            put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon, "surrogate_epsilon"))
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
         if self.fit_sample is not None:
