@@ -114,7 +114,7 @@ def test_card_fields_parse_back(pushed, protected_dir, key, fast_config, hub_tok
     assert block["key_fingerprints"] == [key.fingerprint]
     assert block["key_weights_sha256"] == [key.weights_file_sha256] and key.weights_file_sha256 == hashlib.sha256(key._weights_bytes()).hexdigest()
     assert block["epsilon"] == fast_config.epsilon and block["mode"] == "per-sample"
-    assert block["loss_weights"] == {"gm": 1.0, "fd": 1.0, "ud": 0.0, "bind": 0.0}
+    assert block["loss_weights"] == {"gm": 1.0, "fd": 1.0, "kc": 0.0, "ud": 0.0, "bind": 0.0}
     assert block["state_fingerprint"] == meta["state_fingerprint"]
     assert block["shards"] == meta["shards"]
     from uge_hf import __version__

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from uge_hf.config import ProtectConfig
-from uge_hf.losses import (gradient_matching_loss, layerwise_cosine_distance, misalignment_loss, misalignment_target,
-                           undistillation_loss)
+from uge_hf.losses import (gradient_matching_loss, key_consistency_loss, layerwise_cosine_distance, misalignment_loss,
+                           misalignment_target, undistillation_loss)
 from uge_hf.models import create_model
 from uge_hf.transform import quantize
 
@@ -28,6 +28,15 @@ def test_gradient_matching_grows_with_perturbation_and_is_differentiable():
     assert grad.abs().sum() > 0
 
 
+def test_classwise_gradient_matching_averages_each_class_batch():
+    x_u = (X + (torch.rand_like(X) * 2 - 1) * 0.3).clamp(0, 1)
+    assert gradient_matching_loss(NET, WEIGHTS, X, X.clone(), Y, classwise=True).item() < 1e-5
+    per_class = [gradient_matching_loss(NET, WEIGHTS, X[Y == c], x_u[Y == c], Y[Y == c]) for c in Y.unique()]
+    classwise = gradient_matching_loss(NET, WEIGHTS, X, x_u, Y, classwise=True)
+    assert torch.allclose(classwise, sum(per_class) / len(per_class))
+    assert not torch.allclose(classwise, gradient_matching_loss(NET, WEIGHTS, X, x_u, Y))  # not the mixed batch's
+
+
 def test_cosine_distance_bounds():
     a = (torch.ones(3), torch.ones(2, 2))
     assert layerwise_cosine_distance(a, a).item() < 1e-6
@@ -41,6 +50,19 @@ def test_misalignment_targets_the_next_class_and_descends():
     loss = misalignment_loss([head], x, Y, 10)
     grad, = torch.autograd.grad(loss, x)
     assert misalignment_loss([head], (x - 0.05 * grad.sign()).detach(), Y, 10) < loss
+
+
+def test_key_consistency_charges_only_images_made_harder_for_the_key():
+    assert key_consistency_loss(NET, WEIGHTS, X, X.clone(), Y).item() == 0
+    x = X.clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(NET(x), Y)
+    grad, = torch.autograd.grad(ce, x)
+    easier, harder = (X - 0.02 * grad.sign()).clamp(0, 1), (X + 0.02 * grad.sign()).clamp(0, 1)
+    assert key_consistency_loss(NET, WEIGHTS, X, easier, Y).item() == 0  # no reward for a shortcut
+    harder = harder.requires_grad_(True)
+    loss = key_consistency_loss(NET, WEIGHTS, X, harder, Y)
+    step, = torch.autograd.grad(loss, harder)
+    assert loss.item() > 0 and step.abs().sum() > 0
 
 
 def test_undistillation_is_zero_when_wrong_classes_are_uniform():

@@ -104,8 +104,12 @@ class ProtectConfig:
     lambda_gm: float = 1.0
     lambda_fd: float = 1.0
     lambda_ud: float = 0.0
+    # The key at θ_T classifies x_u no worse than x (losses.key_consistency_loss): the
+    # misalignment kept off the key. On every step (one forward and backward of the key).
+    lambda_kc: float = 0.0
     lambda_bind: float = 0.0
     gm_every: int = 2  # gradient matching on every k-th step: it costs 4x the other terms
+    gm_classwise: bool = False  # L_gm per class of the batch, averaged (losses.gradient_matching_loss)
     # With several keys: each matching step matches every key (L_gm, and L_ud, summed over
     # the keys, so each is pulled as hard as if it were alone; k times the matching cost, in
     # the search and in the generator's fit) instead of one in turn.
@@ -148,11 +152,11 @@ class ProtectConfig:
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
-        for name in ("lambda_gm", "lambda_fd", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
+        for name in ("lambda_gm", "lambda_fd", "lambda_kc", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
             put(name, _real(name, getattr(self, name), 0.0))
-        for name in ("match_every_key", "luminance"):
+        for name in ("match_every_key", "luminance", "gm_classwise"):
             put(name, _boolean(name, getattr(self, name)))
-        if not (self.lambda_gm or self.lambda_fd or self.lambda_ud or self.lambda_bind):
+        if not (self.lambda_gm or self.lambda_fd or self.lambda_kc or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
         if self.momentum >= 1:
             raise ValueError(f"momentum must lie in [0, 1) (0.9 is usual); got {self.momentum!r}")

@@ -1,4 +1,4 @@
-"""The UGE objective ``L = λ_gm·L_gm + λ_fd·L_fd + λ_ud·L_ud + λ_bind·L_bind`` (DESIGN.md 3).
+"""The UGE objective ``L = λ_gm·L_gm + λ_fd·L_fd + λ_kc·L_kc + λ_ud·L_ud + λ_bind·L_bind`` (DESIGN.md 3).
 
 Every term takes clean images ``x``, protected images ``x_u`` (a function of δ) and labels
 ``y``, and returns a scalar to *minimize* with respect to δ:
@@ -9,6 +9,9 @@ Every term takes clean images ``x``, protected images ``x_u`` (a function of δ)
 - :func:`misalignment_loss`: in the common feature space, ``x_u`` of class ``y`` looks like
   class ``π(y)`` (unlearnability for everyone else; targeted, because untargeted feature
   distance did not protect, DESIGN.md 6);
+- :func:`key_consistency_loss`: the key at the end of its clean trajectory classifies ``x_u``
+  no worse than ``x``, so the misalignment aimed at the feature space does not transfer to
+  the key (a transferable targeted perturbation is kept off one named model);
 - :func:`undistillation_loss`: a key trained on the protected data gives soft labels on it
   that carry no dark knowledge a student could distil;
 - :func:`defense_views` gives the views ``L_fd`` is averaged over when the run names
@@ -63,13 +66,22 @@ def layerwise_cosine_distance(reference: tuple[torch.Tensor, ...], other: tuple[
 
 
 def gradient_matching_loss(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, x_u: torch.Tensor,
-                           y: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+                           y: torch.Tensor, names: list[str] | None = None, classwise: bool = False) -> torch.Tensor:
     """``L_gm`` at one checkpoint: layer-wise cosine distance between the training gradients
-    on clean and on protected images. Differentiable with respect to ``x_u``."""
+    on clean and on protected images. Differentiable with respect to ``x_u``.
+
+    With ``classwise``, the distance is taken per class present in ``y`` (each class's images
+    a batch of their own) and averaged, as dataset condensation matches (Zhao et al. 2021): a
+    class-specific change of the images (the misalignment is one) can hide in a mixed batch's
+    gradient, whose direction the other classes dominate. Batch-norm statistics are then those
+    of each class's images.
+    """
     names = names or matched_parameters(module)
-    clean = parameter_gradients(module, weights, names, x, y, create_graph=False)
-    protected = parameter_gradients(module, weights, names, x_u, y, create_graph=True)
-    return layerwise_cosine_distance(clean, protected)
+    groups = [y == c for c in y.unique()] if classwise else [slice(None)]
+    distances = [layerwise_cosine_distance(parameter_gradients(module, weights, names, x[g], y[g], create_graph=False),
+                                           parameter_gradients(module, weights, names, x_u[g], y[g], create_graph=True))
+                 for g in groups]
+    return sum(distances) / len(distances)
 
 
 def misalignment_target(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -122,6 +134,23 @@ def defense_views(x_u: torch.Tensor, names: Sequence[str], gen: torch.Generator)
     """``x_u`` and its image under each named differentiable defense (:data:`DEFENSE_VIEWS`),
     all differentiable with respect to ``x_u``; random draws come from ``gen``."""
     return [x_u] + [DEFENSE_VIEWS[name](x_u, gen) for name in names]
+
+
+def key_consistency_loss(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, x_u: torch.Tensor,
+                         y: torch.Tensor) -> torch.Tensor:
+    """``L_kc``: per image, how much more the key's cross-entropy at ``weights`` (θ_T, its clean
+    training's end) is on ``x_u`` than on ``x``, floored at 0, averaged.
+
+    The misalignment is a targeted perturbation of the surrogates, and targeted perturbations
+    transfer to other trained models, the key's architecture among them: a key whose trained
+    self sees class π(y) in ``x_u`` learns the permuted shortcut too. The floor keeps ``x_u``
+    from becoming *easier* than ``x`` for the key, which would be a shortcut of its own (an
+    error-minimizing noise, Huang et al. 2021). Differentiable with respect to ``x_u``.
+    """
+    with torch.no_grad():
+        clean = F.cross_entropy(call_at(module, weights, x), y, reduction="none")
+    protected = F.cross_entropy(call_at(module, weights, x_u), y, reduction="none")
+    return (protected - clean).clamp(min=0).mean()
 
 
 def undistillation_loss(module: nn.Module, weights: dict[str, torch.Tensor], x_u: torch.Tensor, y: torch.Tensor,
