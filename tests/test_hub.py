@@ -145,3 +145,15 @@ finally:
     api.delete_repo(repo, repo_type="dataset", missing_ok=True)
 """
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+
+
+def test_card_renders_for_a_folder_written_before_a_config_field_existed(protected_dir):
+    """A folder from an older uge-hf lacks newer config fields; its card renders them as their defaults (off)."""
+    from uge_hf.card import render_card
+    from uge_hf.folder import folder_features, read_metadata
+
+    meta = read_metadata(protected_dir)
+    del meta["config"]["lambda_kc"]
+    card = render_card(meta, folder_features(protected_dir))
+    assert card.data.to_dict()["uge_hf"]["loss_weights"]["kc"] == 0.0
+    assert "loss weights (gm, fd, kc, ud, bind) | 1.0, 1.0, 0.0, 0.0, 0.0" in card.text

@@ -10,6 +10,7 @@ from typing import Optional
 from datasets import DatasetInfo, Features
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from .config import ProtectConfig
 from .evaluation import efficacy_markdown
 from .folder import CARD_NAME, folder_features, read_metadata, split_of, write_metadata
 from .utils import atomic_write
@@ -69,6 +70,9 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     ``meta`` (the metadata), ``efficacy`` (a Markdown table or ``None``), ``repo_id``,
     ``pretty_name`` and ``epsilon_255``.
     """
+    # A folder written before a config field existed reads as that field's default (off), so
+    # `evaluate --update-card` on it still renders.
+    metadata = {**metadata, "config": ProtectConfig.from_dict(metadata["config"]).to_dict()}
     splits = metadata["protected_splits"] + metadata["copied_splits"]
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
