@@ -186,3 +186,5 @@ def test_cli_evaluate_writes_the_figure_into_the_card(protected_dir, small_clean
     assert "](efficacy.png)" in card.text and "| vgg-tiny | jpeg10 |" in card.text
     assert "| resnet-tiny | none |" in card.text and "| resnet-tiny | jpeg10 |" not in card.text  # --attacked-models
     assert "efficacy.png" in [Path(p).name for p in published_files(folder)]
+    public = json.loads((folder / "uge_hf.json").read_text())["efficacy"]["rows"]
+    assert public and not any(k.endswith("seconds") for row in public for k in row)  # how long the key trained: its size

@@ -58,7 +58,8 @@ def test_evaluate_prints_a_table_and_writes_json(protected_cli, key_dir, tmp_pat
     assert [r["model"] for r in data["rows"]] == ["key θ0", "key arch, seed 7", "vgg-tiny"]
     assert all(0 <= r["protected_acc"] <= 100 for r in data["rows"])
     card = DatasetCard.load(protected_cli / "README.md")
-    assert card.data.to_dict()["uge_hf"]["efficacy"] == data["rows"]
+    untimed = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in data["rows"]]  # times stay local
+    assert card.data.to_dict()["uge_hf"]["efficacy"] == untimed and untimed != data["rows"]
     assert "## Measured efficacy" in card.text and "vgg-tiny" in card.text
 
 
@@ -170,3 +171,28 @@ def test_ctrl_c_says_how_to_resume(key_dir, tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, f"exit {proc.returncode}; stderr: {err[-2000:]}"
     assert "rerun the same command to resume" in err and "Traceback" not in err, err
+
+
+def test_cli_inputs_are_judged_not_ignored(key_dir, tmp_path, capsys):
+    base = ["protect", str(CIFAR10), "--split", "train", "--key", str(key_dir), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(base + ["--limit", "10", "--epsilon", ""]) == 2  # not a silent 8/255
+    assert "epsilon '' is not a number" in capsys.readouterr().err
+    for limit in ("0", "-5"):
+        with pytest.raises(SystemExit):  # argparse: usage error, exit 2
+            main(base + ["--limit", limit])
+        assert f"'{limit}' is not a number of rows >= 1" in capsys.readouterr().err
+    assert main(base + ["--limit", "10", "--key", str(CIFAR10)]) == 2  # a folder that holds files, but no key
+    err = capsys.readouterr().err
+    assert "is not a key folder" in err and "--out NEW_FOLDER" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_protect_into_the_current_folder(key_dir, tmp_path, monkeypatch):
+    """`--out .` protects into the working folder; its state goes beside it, named after it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["protect", str(CIFAR10), "--split", "train", "--limit", "40", "--key", str(key_dir), "--out", ".",
+                 "--preset", "fast", "--batch-size", "20", "--quiet"]) == 0
+    assert len(load_dataset(str(work))["train"]) == 40
+    assert (tmp_path / "work.uge-state" / "state" / "state.json").is_file()

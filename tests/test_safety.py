@@ -15,7 +15,7 @@ import pytest
 from datasets import Array3D, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from huggingface_hub import HfApi
 
-from uge_hf import AuthorizedModel, ProtectConfig, protect, push_to_hub, verify
+from uge_hf import AuthorizedModel, ProtectConfig, load_protected, protect, push_to_hub, verify
 from uge_hf.cli import main
 from uge_hf.hub import TamperedShardError
 from uge_hf.utils import sha256_file
@@ -230,8 +230,42 @@ def test_manifest_names_are_never_trusted_as_paths(tmp_path, two_shard_run, key)
         meta = json.loads((copy / "uge_hf.json").read_text())
         meta["shards"][name] = "0" * 64
         (copy / "uge_hf.json").write_text(json.dumps(meta))
-        with pytest.raises(ValueError, match="outside data/ or arrow/"):
+        with pytest.raises(TamperedShardError, match="outside data/ or arrow/"):  # an integrity failure: exit 3
             verify(copy, key)
+
+
+@pytest.mark.parametrize("where", ["../evil.parquet", "ABSOLUTE", ".cache/evil.parquet"])
+def test_a_card_that_points_load_dataset_elsewhere_fails_verification(tmp_path, two_shard_run, rows, key, where):
+    """The card's configs are what load_dataset reads: they must name exactly the verified shards,
+    and load_protected reads those shards, whatever the card says."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_shard_run, copy)
+    evil = (tmp_path / "evil.parquet") if where == "ABSOLUTE" else (copy / where)
+    evil.parent.mkdir(parents=True, exist_ok=True)
+    rows.select(range(7)).map(lambda r: {"label": 0}).to_parquet(str(evil))
+    text = (copy / "README.md").read_text()
+    head, body = text.split("---\n", 2)[1:]
+    card = yaml.safe_load(head)
+    card["configs"][0]["data_files"][0]["path"] = [str(evil) if where == "ABSOLUTE" else where]
+    del card["dataset_info"]["splits"]  # or datasets itself would notice 7 rows where 40 are recorded
+    (copy / "README.md").write_text("---\n" + yaml.safe_dump(card) + "---\n" + body)
+    assert len(load_dataset(str(copy), download_mode="force_redownload")["train"]) == 7  # what an unchecked load reads
+    with pytest.raises(TamperedShardError, match="card's configs point load_dataset at"):
+        verify(copy, key)
+    with pytest.raises(TamperedShardError):
+        load_protected(copy, key)
+    key.save_pretrained(tmp_path / "key")
+    assert main(["verify", str(copy), "--key", str(tmp_path / "key")]) == 3
+
+
+def test_verify_names_a_folder_that_is_no_protected_dataset(tmp_path, key, capsys):
+    key.save_pretrained(tmp_path / "key")
+    assert main(["verify", str(tmp_path / "key"), "--key", str(tmp_path / "key")]) == 2
+    assert "has no uge_hf.json: not a folder written by uge_hf.protect" in capsys.readouterr().err
 
 
 def test_an_unlisted_data_file_fails_verification(tmp_path, two_shard_run, rows, key, capsys):
@@ -314,6 +348,13 @@ def test_perturbed_fraction_is_recorded_and_an_unchanged_output_is_never_publish
     with pytest.raises(RuntimeError, match="left every pixel unchanged"):
         protect(rows, key, fast, output_dir=tmp_path / "noop", verbose=False)
     assert not (tmp_path / "noop" / "uge_hf.json").exists() and not (tmp_path / "noop" / "README.md").exists()
+    assert not list((tmp_path / "noop").rglob("*.parquet"))  # no clean copy left for load_dataset to find
+
+
+def test_a_step_size_that_cannot_move_a_pixel_is_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"step_size 1e-06 over 4 step\(s\) moves a pixel at most .* leave step_size unset"):
+        ProtectConfig.preset("fast", step_size=1e-6)
+    assert ProtectConfig.preset("fast", step_size=0.5 / 255 / 4).step_size  # half a level in all: some pixels can move
 
 
 # -- 5. what the user sees is what gets protected --------------------------------------------
@@ -466,3 +507,41 @@ def test_a_rerun_keeps_the_measured_efficacy(tmp_path, rows, key, fast):
     protect(rows, key, fast, output_dir=out, verbose=False)  # same run: resumes, rewrites the card
     assert json.loads((out / "uge_hf.json").read_text())["efficacy"]["rows"] == rows_
     assert "## Measured efficacy" in (out / "README.md").read_text()
+
+
+def test_saving_a_state_never_overwrites_or_repermissions_a_users_folder(tmp_path, rows, key, fast):
+    from uge_hf.transform import UGETransform
+
+    transform = UGETransform.fit(rows, key, fast, verbose=False)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    (mine / "state.json").write_text('{"my": "notes"}')
+    (mine / "notes.txt").write_text("keep me")
+    before = files_of(mine)
+    with pytest.raises(FileExistsError, match=r"holds files uge-hf did not write \(notes.txt\)"):
+        transform.save_pretrained(mine)
+    (mine / "notes.txt").unlink()
+    with pytest.raises(FileExistsError, match=r"holds files uge-hf did not write \(state.json\)"):  # not a state uge-hf saved
+        transform.save_pretrained(mine)
+    assert files_of(mine) == {"state.json": before["state.json"]} and stat.S_IMODE(mine.stat().st_mode) == 0o755
+    transform.save_pretrained(tmp_path / "saved")
+    transform.save_pretrained(tmp_path / "saved")  # its own earlier save may be replaced
+    assert UGETransform.from_pretrained(tmp_path / "saved").fingerprint == transform.fingerprint
+
+
+def test_no_split_to_protect_and_a_file_as_output_are_clear_errors(tmp_path, rows, key, fast):
+    with pytest.raises(ValueError, match="splits is empty: nothing to protect; name at least one of: train"):
+        protect(DatasetDict({"train": rows}), key, fast, splits=[], output_dir=tmp_path / "o", verbose=False)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        protect(rows, key, fast, output_dir=tmp_path / "afile", verbose=False)
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "afile.uge-state").exists()
+
+
+def test_arrow_output_is_the_same_bytes_on_rerun(tmp_path, rows, key, fast):
+    first, second = tmp_path / "a" / "out", tmp_path / "b" / "out"
+    for out in (first, second):
+        protect(rows, key, fast, output_dir=out, output_format="arrow", verbose=False)
+    assert files_of(first) == files_of(second)
+    assert not any(str(tmp_path).encode() in data for data in files_of(first).values())  # no protector's path inside

@@ -12,7 +12,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .config import ProtectConfig
 from .evaluation import efficacy_markdown
-from .folder import CARD_NAME, folder_features, read_metadata, split_of, write_metadata
+from .folder import CARD_NAME, folder_features, read_metadata, shards_by_split, write_metadata
 from .utils import atomic_write
 
 DEFAULT_TEMPLATE = "dataset_card.md"
@@ -77,7 +77,8 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
     # Exactly the listed files: a file slipped in beside them is not loaded (nor verified).
-    data_files = [{"split": s, "path": sorted(p for p in metadata["shards"] if split_of(p) == s)} for s in splits]
+    by_split = shards_by_split(metadata["shards"])
+    data_files = [{"split": s, "path": by_split[s]} for s in splits]
     pretty_name = f"{repo_id.split('/')[-1] if repo_id else 'Protected dataset'} (UGE-protected)"
     card_data = DatasetCardData(
         license=(metadata.get("source") or {}).get("license") or "other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
@@ -105,9 +106,13 @@ def write_card(out_dir: str | os.PathLike, metadata: dict, features: Features, *
 
 def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     """Store a measured efficacy table (``{"rows": [...], "summary": {...}}``, as
-    ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card."""
+    ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card.
+
+    Training times stay out: both are public, and how long the key's rows took to train
+    tells a hacker how big the key's architecture is (DESIGN.md 2)."""
     folder = Path(folder)
     metadata = read_metadata(folder)
-    metadata["efficacy"] = efficacy
+    rows = [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in efficacy.get("rows", [])]
+    metadata["efficacy"] = {**efficacy, "rows": rows}
     write_metadata(folder, metadata)
     return write_card(folder, metadata, folder_features(folder))

@@ -59,7 +59,7 @@ def _protect(args) -> int:
     from .key import AuthorizedModel
     from .protection import protect
 
-    overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon else {}
+    overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon is not None else {}  # "" is judged, not ignored
     for name in ("mode", "steps", "seed", "batch_size", "micro_batches", "fit_sample"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -184,6 +184,17 @@ def _verify(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -211,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="load only this split, and protect it (with --limit: its first rows)")
     p.add_argument("--splits", nargs="+", help="of a dataset with several splits, protect these (default: all); the others are "
                    "copied unprotected")
-    p.add_argument("--limit", type=int, help="protect only the first N rows of --split (default split: train)")
+    p.add_argument("--limit", type=positive_int, help="protect only the first N rows of --split (default split: train)")
     p.add_argument("--epsilon", help="L-inf budget on the 0-1 pixel scale, e.g. 8/255 or 0.0314 (default of the preset: 8/255)")
     p.add_argument("--preset", default="default", choices=["default", "fast", "key-first"],
                    help="default: the benchmarked setting; fast: a quick, weaker setting for tries (4 steps, one surrogate, a 2-epoch key trajectory, so the key trains 2 epochs); key-first: favors the key")
@@ -225,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "
                    "that give the same bytes; raise it to launch more")
     p.add_argument("--resize", type=parse_resize, help="resize every image to WxH pixels, e.g. 64x48 (default: native sizes)")
-    p.add_argument("--shard-size", type=int, default=5000, help="rows per output shard")
+    p.add_argument("--shard-size", type=int, default=5000, help="rows per output shard, rounded up to whole --batch-size batches")
     p.add_argument("--format", default="parquet", choices=["parquet", "arrow"], help="parquet for load_dataset, arrow for load_from_disk")
     p.add_argument("--image-column", help="the Image column (default: found by type)")
     p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
@@ -241,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", required=True, help="the clean dataset it came from (its first rows are the ones protected)")
     p.add_argument("--key", required=True, action="append", help="key folder or Hub model repo; repeat it for a dataset "
                    "protected for several keys (each gets a row)")
-    p.add_argument("--limit", type=int, help="train on the first N protected rows only (and their clean rows): a quick look")
+    p.add_argument("--limit", type=positive_int, help="train on the first N protected rows only (and their clean rows): a quick look")
     p.add_argument("--test-size", type=int, help="test on the first N rows of the test split only (default: all)")
     p.add_argument("--hackers", help=f"comma-separated architectures trained as hackers (default: {HACKERS_HELP})")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "

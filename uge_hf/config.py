@@ -178,6 +178,14 @@ class ProtectConfig:
             put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon, "surrogate_epsilon"))
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
+            search_steps = self.steps if self.mode == "per-sample" else self.refine_steps
+            # Even undecayed, the signed steps move a pixel at most step_size · steps; under half
+            # an 8-bit level the PNG output rounds every pixel back to its clean value.
+            if search_steps and self.step_size * search_steps * 255 < 0.5:
+                raise ValueError(f"step_size {self.step_size!r} over {search_steps} step(s) moves a pixel at most "
+                                 f"{self.step_size * search_steps * 255:.3g} of an 8-bit level, so the output would round back "
+                                 "to the clean images; leave step_size unset (epsilon/2, decayed) or give at least "
+                                 f"{0.5 / 255 / search_steps:.2g}")
         if self.fit_sample is not None:
             put("fit_sample", _integer("fit_sample", self.fit_sample, 1))
         if self.recipe not in RECIPES:

@@ -42,6 +42,11 @@ class RunInProgressError(RuntimeError):
     """Another uge-hf process holds the folder's lock."""
 
 
+class TamperedShardError(ValueError):
+    """A data file's sha256 differs from the one recorded when it was protected, or the
+    folder's metadata or card names data files other than the protected ones."""
+
+
 # -- layout -------------------------------------------------------------------------------
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -54,18 +59,25 @@ def split_of(path: str) -> str:
     return parts[1] if parts[0] == "arrow" else re.sub(r"-\d{5}-of-\d{5}\.parquet$", "", parts[-1])
 
 
+def shards_by_split(shards: Iterable[str]) -> dict[str, list[str]]:
+    """Data-file names grouped by their split (:func:`split_of`), each group sorted, splits in
+    the order their first file sorts."""
+    names = sorted(shards)
+    return {split: [n for n in names if split_of(n) == split] for split in dict.fromkeys(map(split_of, names))}
+
+
 def check_data_file_name(name: str) -> str:
     """Refuse a data-file name that could point outside the folder's ``data/`` or ``arrow/``
     (an absolute path, ``..``, a device file): metadata may come from a download.
 
     Raises:
-        ValueError: naming the entry.
+        TamperedShardError: naming the entry.
     """
     path = PurePosixPath(name)
     if ("\\" in name or path.is_absolute() or len(path.parts) < 2 or path.parts[0] not in DATA_FOLDERS
             or any(part in ("", ".", "..") for part in path.parts) or str(path) != name):
-        raise ValueError(f"the metadata lists a data file {name!r} outside data/ or arrow/; refusing to open it: "
-                         "the folder's uge_hf.json was tampered with")
+        raise TamperedShardError(f"the metadata lists a data file {name!r} outside data/ or arrow/; refusing to open it: "
+                                 "the folder's uge_hf.json was tampered with")
     return name
 
 
@@ -96,13 +108,16 @@ def load_output(folder: str | os.PathLike) -> DatasetDict:
         from datasets import load_from_disk
 
         return load_from_disk(str(folder / "arrow"))
-    return read_fresh(folder)
+    return read_fresh(folder, read_metadata(folder)["shards"])
 
 
-def read_fresh(folder: Path) -> DatasetDict:
-    """``load_dataset(folder)``, rebuilding its Arrow cache: ``datasets`` may key the cache of
-    two folders of the same name and layout alike, and would then serve stale rows."""
-    return load_dataset(str(folder), download_mode="force_redownload")
+def read_fresh(folder: Path, shards: Iterable[str]) -> DatasetDict:
+    """The folder's parquet ``shards`` (names as ``uge_hf.json`` lists them; never the card's
+    ``configs``, which a download may point elsewhere), with the Arrow cache rebuilt:
+    ``datasets`` may key the cache of two folders of the same name and layout alike, and
+    would then serve stale rows."""
+    data_files = {split: [str(folder / n) for n in names] for split, names in shards_by_split(shards).items()}
+    return load_dataset("parquet", data_files=data_files, download_mode="force_redownload")
 
 
 def folder_features(folder: Path):
@@ -179,7 +194,7 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
         for rel in doomed:
             (out / rel).unlink()
         for rel in doomed:
-            _remove_empty_dirs((out / rel).parent, out)
+            remove_empty_dirs((out / rel).parent, out)
         _write_manifest(out, {"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs), "pid": os.getpid()})
 
     return take
@@ -197,7 +212,8 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
-def _remove_empty_dirs(folder: Path, top: Path) -> None:
+def remove_empty_dirs(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``top`` while they are empty."""
     while folder != top and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
@@ -218,11 +234,12 @@ def claim_state(state: Path, run_id: str, overwrite: bool) -> Callable[[], None]
     foreign = [e for e in entries if e not in STATE_ENTRIES and not any(is_temporary_of(e, n) for n in STATE_ENTRIES)]
     if entries and (foreign or not marker.is_file()):
         raise FileExistsError(f"state_dir {state} holds files uge-hf did not write ({_listing(foreign or entries)}); "
-                              "pass a new or empty state_dir (it will hold θ0: keep it private)")
+                              "pass a new or empty state_dir (it will hold θ0: keep it private); the CLI puts it beside "
+                              "the output as OUT.uge-state, so there choose another --out, or move those files away")
     replace = marker.is_file() and json.loads(marker.read_text())["run_id"] != run_id
     if replace and not overwrite:
         raise FileExistsError(f"state_dir {state} holds the state of another uge-hf run; pass overwrite=True (--overwrite) "
-                              "to replace it, or choose another state_dir")
+                              "to replace it, or choose another state_dir (with the CLI: another --out)")
 
     def take() -> None:
         for name in entries if replace else []:

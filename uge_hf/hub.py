@@ -17,20 +17,17 @@ from typing import Optional, Union
 import torch.nn as nn
 from datasets import DatasetDict
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi, snapshot_download
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .card import render_card
-from .folder import CARD_NAME, DATA_FOLDERS, FIGURE_NAME, METADATA_NAME, folder_features, load_output, read_metadata, unlisted_files
+from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, METADATA_NAME, TamperedShardError, folder_features, load_output, read_metadata,
+                     shards_by_split, unlisted_files)
 from .key import AuthorizedModel, looks_like_repo_id, refuse_public_repo
 from .utils import sha256_file
 
 
 class KeyMismatchError(ValueError):
     """The key's weight hash differs from the one the dataset card records."""
-
-
-class TamperedShardError(ValueError):
-    """A data file's sha256 differs from the one recorded when it was protected."""
 
 
 def published_files(folder: Path) -> list[str]:
@@ -107,15 +104,43 @@ def fetch(dataset: str | os.PathLike, revision: Optional[str], token: Optional[s
     except RepositoryNotFoundError:
         raise FileNotFoundError(f"no folder {dataset} here, and no Hub dataset repo {str(dataset)!r} you can read (check the name, "
                                 "and log in or set HF_TOKEN for a private repo)") from None
+    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and nothing cached
+        raise FileNotFoundError(f"no folder {dataset} here, and the Hub could not be reached to fetch {str(dataset)!r} (nor is a "
+                                "copy cached): check the path, or your connection") from None
 
 
 def card_record(folder: Path) -> dict:
-    """The ``uge_hf:`` block of the folder's dataset card."""
-    card = DatasetCard.load(folder / CARD_NAME)
-    block = card.data.to_dict().get("uge_hf")
+    """The ``uge_hf:`` block of the folder's dataset card, after checking that the card's
+    ``configs`` (what ``load_dataset`` reads) name exactly the shards of ``uge_hf.json``.
+
+    Raises:
+        FileNotFoundError: the folder has no card or no ``uge_hf.json``: not a protected dataset.
+        TamperedShardError: the card points ``load_dataset`` at other files.
+    """
+    metadata = read_metadata(folder)
+    if not (folder / CARD_NAME).is_file():
+        raise FileNotFoundError(f"{folder} has no {CARD_NAME} (the dataset card): not a folder written by uge_hf.protect")
+    data = DatasetCard.load(folder / CARD_NAME).data.to_dict()
+    block = data.get("uge_hf")
     if not block:
         raise ValueError(f"the dataset card in {folder} has no uge_hf block: not a UGE-protected dataset")
+    expected = shards_by_split(metadata["shards"]) if metadata.get("output_format", "parquet") == "parquet" else None
+    if (listed := card_data_files(data)) != expected:
+        raise TamperedShardError(f"the dataset card's configs point load_dataset at {listed}, not at the protected shards "
+                                 f"{expected}; the card was modified: re-download the dataset")
     return block
+
+
+def card_data_files(card_data: dict) -> Optional[dict]:
+    """``{split: sorted paths}`` of a card's ``configs``, as ``load_dataset`` would read them;
+    ``None`` without configs; the raw value where it has another shape than uge-hf writes."""
+    configs = card_data.get("configs")
+    if configs is None:
+        return None
+    try:
+        return {f["split"]: sorted([f["path"]] if isinstance(f["path"], str) else f["path"]) for c in configs for f in c["data_files"]}
+    except (TypeError, KeyError):
+        return configs
 
 
 def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike, AuthorizedModel], *, revision: Optional[str] = None,
@@ -129,12 +154,14 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
     Raises:
         KeyMismatchError: the key's hash is none of the card's (both shown), unless
             ``trust_mismatch=True``.
-        TamperedShardError: a data file was modified, is missing, or is not listed.
+        TamperedShardError: a data file was modified, is missing, or is not listed, or the
+            card's ``configs`` name other files than the protected shards.
+        FileNotFoundError: ``dataset`` is no protected dataset (no card or ``uge_hf.json``).
     """
     folder = fetch(dataset, revision, token)
+    record = card_record(folder)  # before the key: a folder that is no protected dataset fails first
     key = authorized_model if isinstance(authorized_model, AuthorizedModel) else \
         AuthorizedModel.from_pretrained(authorized_model, revision=key_revision, token=token)
-    record = card_record(folder)
     recorded = record.get("key_fingerprints") or [record["key_fingerprint"]]  # one key, as uge-hf 0.1.0 wrote it
     index = recorded.index(key.fingerprint) if key.fingerprint in recorded else None
     if index is None:

@@ -149,6 +149,9 @@ class AuthorizedModel:
         if path.is_dir():
             config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
             if not weights_file.exists():
+                if any(path.iterdir()):  # keygen refuses a folder that holds anything: do not send the user there
+                    raise FileNotFoundError(f"{path} is not a key folder (no {WEIGHTS_NAME}); pass the folder `uge-hf keygen` "
+                                            "wrote, or make a key in a new folder with `uge-hf keygen --out NEW_FOLDER`")
                 raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; create a key with `uge-hf keygen --out {path}`")
         elif path.exists():
             raise ValueError(f"{path} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")

@@ -37,7 +37,7 @@ from .data import (check_color_mode, check_memory, decode_image, encode_png, fin
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
 from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
-                     read_fresh, read_metadata, shard_name, split_of, write_metadata)
+                     read_fresh, read_metadata, remove_empty_dirs, shard_name, split_of, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
@@ -186,6 +186,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     key = keys[0]  # the keys share classes and channels
     data = resolve_dataset(dataset)
     splits = list(splits) if splits is not None else list(data)
+    if not splits:
+        raise ValueError(f"splits is empty: nothing to protect; name at least one of: {', '.join(data)}")
     missing = [s for s in splits if s not in data]
     if missing:
         raise ValueError(f"split(s) {missing} not found; the dataset has: {', '.join(data)}; choose splits from those")
@@ -215,7 +217,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
              *(shard_name(n, i, c) for n, c in copy_counts.items() for i in range(c))]
 
     temporary_state = state_dir is None and output_dir is None
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
+    # Resolved, so that "." or ".." have a name for the state folder beside them.
+    out = Path(output_dir).resolve() if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {output_dir} is a file, not a folder; choose a new or empty folder (--out)")
     state_path = Path(state_dir) if state_dir is not None else (
         Path(tempfile.mkdtemp(prefix="uge-hf-state-")) if temporary_state else out.with_name(out.name + ".uge-state"))
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
@@ -277,9 +282,14 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             perturbed = {s: sum(r["changed"] for (n, _), r in records.items() if n == s) /
                          sum(r["values"] for (n, _), r in records.items() if n == s) for s in splits}
             unchanged = [s for s, fraction in perturbed.items() if fraction == 0]
-            if unchanged:
+            if unchanged:  # its shards are clean copies: none may stay where load_dataset would find them
+                for n, i, c, _ in jobs:
+                    (out / shard_name(n, i, c)).unlink(missing_ok=True)
+                    (progress_dir / f"{n}-{i:05d}.json").unlink(missing_ok=True)
+                remove_empty_dirs(out / "data", out)
                 raise RuntimeError(f"protecting split(s) {unchanged} left every pixel unchanged, so nothing would be protected; "
-                                   f"refusing to publish it as protected. Check the config ({config.to_json()})")
+                                   "refusing to publish it as protected (its shards are removed). Check the config's step_size, "
+                                   f"epsilon and loss weights ({config.to_json()})")
             shards = {shard_name(n, i, c): records[(n, i)]["sha256"] for n, i, c, _ in jobs}
             for name, count in copy_counts.items():
                 reencoded = clean_copy(data[name], columns[0])
@@ -302,7 +312,13 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             }
             if output_format == "arrow":
                 arrow_dir = out / "arrow"
-                read_fresh(out).save_to_disk(str(arrow_dir))
+                splits_read = read_fresh(out, shards)
+                for name, split in splits_read.items():
+                    # datasets fingerprints a freshly loaded split from its files' paths and times,
+                    # and save_to_disk records it: pin it to the shards' hashes, so equal runs
+                    # write equal bytes (it only keys datasets' cache).
+                    split._fingerprint = hashlib.sha256("".join(shards[p] for p in sorted(shards) if split_of(p) == name).encode()).hexdigest()[:16]
+                splits_read.save_to_disk(str(arrow_dir))
                 shutil.rmtree(out / "data")
                 metadata["shards"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
             metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}

@@ -22,10 +22,39 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
 from .config import ProtectConfig
-from .utils import atomic_write, private_dir, tensors_fingerprint
+from .utils import atomic_write, is_temporary_of, private_dir, tensors_fingerprint
 
 STATE_WEIGHTS = "state.safetensors"
 STATE_CONFIG = "state.json"
+STATE_FILES = (STATE_WEIGHTS, STATE_CONFIG, "transform.json")  # what a saved state (and its transform) folder holds
+
+
+def check_state_folder(directory: str | os.PathLike) -> None:
+    """Refuse to save a state into a folder that holds anything but an earlier saved state
+    (uge-hf never overwrites or re-permissions what it did not write).
+
+    Raises:
+        FileExistsError: naming the foreign entries.
+    """
+    path = Path(directory)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder: save the state into a new or empty folder")
+    entries = sorted(p.name for p in path.iterdir())
+    foreign = [e for e in entries if e not in STATE_FILES and not any(is_temporary_of(e, n) for n in STATE_FILES)]
+    ours = (path / STATE_CONFIG).is_file() and "key_fingerprints" in _json_or_empty(path / STATE_CONFIG)
+    if foreign or (entries and not ours):
+        raise FileExistsError(f"{path} holds files uge-hf did not write ({', '.join(foreign or entries)}); save the state "
+                              "into a new or empty folder (it holds θ0: keep it private)")
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -87,7 +116,12 @@ class SharedState:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``state.safetensors`` and ``state.json``, owner-only (0600 in a 0700 folder):
-        the trajectory starts at θ0, so the state is as secret as the key."""
+        the trajectory starts at θ0, so the state is as secret as the key.
+
+        Raises:
+            FileExistsError: ``directory`` holds files other than an earlier saved state.
+        """
+        check_state_folder(directory)
         path = private_dir(directory)
         atomic_write(path / STATE_WEIGHTS, save_safetensors_bytes(self.tensors()), private=True)
         atomic_write(path / STATE_CONFIG, (json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n").encode(), private=True)

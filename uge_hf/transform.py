@@ -106,7 +106,11 @@ class UGETransform:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Save the shared state and column names, owner-only (θ0 is inside); reload with
-        :meth:`from_pretrained`."""
+        :meth:`from_pretrained`.
+
+        Raises:
+            FileExistsError: ``directory`` holds files other than an earlier saved state.
+        """
         self.state.save_pretrained(directory)
         atomic_write(private_dir(directory) / "transform.json", json.dumps(
             {"image_column": self.image_column, "label_column": self.label_column}, sort_keys=True).encode(), private=True)
