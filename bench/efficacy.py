@@ -70,6 +70,8 @@ VARIANTS = {
     # (and the one-key run without it, for the hackers' comparison).
     "convnet+resnet-small-no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
     "no-resnet-sur": {"surrogates": ("vgg-tiny", "mixer-tiny")},
+    # ... and resnet-tiny's place taken by a family no hacker of the panel belongs to.
+    "resnet-sur-to-vit": {"surrogates": ("vgg-tiny", "mixer-tiny", "vit-micro")},
     # Keys in turn, each weighted by the number of keys on its turn: over a batch each key pulls
     # as hard as a lone key does, at the cost of one key per matching step.
     "convnet+resnet-small-gm2": {"lambda_gm": 2.0},
