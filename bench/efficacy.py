@@ -87,6 +87,20 @@ KEYS.update({f"{v}-every-key": KEYS[v] for v in ("two-convnets", "convnet+resnet
 VARIANTS["plus-convnet-every-key"], KEYS["plus-convnet-every-key"] = {"match_every_key": True}, [("convnet", 0)]
 
 
+def config_override(text: str) -> tuple[str, object]:
+    """``FIELD=VALUE`` of ``--set``: a tuple field's value is comma-separated, any other is JSON."""
+    name, _, value = text.partition("=")
+    defaults = ProtectConfig().to_dict()
+    if name not in defaults or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a ProtectConfig field; fields: {', '.join(defaults)}")
+    if isinstance(defaults[name], tuple):
+        return name, tuple(v for v in value.split(",") if v)
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[int]:
     """The first n/num_classes rows of each class, in dataset order."""
     per_class, taken, rows = n // num_classes, [0] * num_classes, []

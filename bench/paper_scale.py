@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from efficacy import DATA, balanced_prefix, check_budget  # noqa: E402  (bench/ is the script's folder)
+from efficacy import DATA, balanced_prefix, check_budget, config_override  # noqa: E402  (bench/ is the script's folder)
 from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, protect  # noqa: E402
 from uge_hf.attacks import get_attack  # noqa: E402
 from uge_hf.data import load_tensors  # noqa: E402
@@ -177,8 +177,9 @@ def main() -> None:
     parser.add_argument("--attacks", type=lambda s: [a for a in s.split(",") if a], default=["jpeg10", "grayscale"],
                         help="hacker attacks of uge_hf.attacks, trained for every hacker on the protected rows")
     parser.add_argument("--preset", default="default", help="ProtectConfig preset")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a ProtectConfig field of the preset (JSON value), e.g. --set batch_size=500")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=config_override,
+                        help="override a ProtectConfig field of the preset (a tuple field comma-separated, any other JSON), "
+                             "e.g. --set batch_size=500 --set surrogates=vgg-tiny,mixer-tiny,vit-micro")
     parser.add_argument("--recipe", default="fast", choices=sorted(RECIPES))
     parser.add_argument("--calibration-steps", type=int, default=None, help="timed steps per network (default 8 on a GPU, 1 on a CPU)")
     parser.add_argument("--reserve-s", type=float, default=20.0, help="kept back for writing and reading the protected rows")
@@ -240,7 +241,7 @@ def main() -> None:
     # -- calibrate -------------------------------------------------------------------------
     key = AuthorizedModel.create(args.key_arch, num_classes=10, seed=0)
     overrides = {"recipe": args.recipe, "micro_batches": 1}  # one process: one micro-batch, as the key's own training
-    overrides.update((field, json.loads(value)) for field, value in (item.split("=", 1) for item in args.set))
+    overrides.update(args.set)
     config = ProtectConfig.preset(args.preset, **overrides)
     recipe = RECIPES[args.recipe]
     calib_steps = args.calibration_steps or (8 if device.type == "cuda" else 1)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from efficacy import DATA, balanced_prefix, check_budget
+from efficacy import DATA, balanced_prefix, check_budget, config_override
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.attacks import get_attack
@@ -145,20 +145,6 @@ def table(report: EvaluationReport, models: list[str], attacks: list[str]) -> st
         lines.append(f"| {m} | " + " | ".join(protected) + " |")
         lines.append("| &nbsp;&nbsp;on clean rows | " + " | ".join(clean) + " |")
     return "\n".join(lines)
-
-
-def config_override(text: str) -> tuple[str, object]:
-    """``FIELD=VALUE`` of ``--set``: a tuple field's value is comma-separated, any other is JSON."""
-    name, _, value = text.partition("=")
-    defaults = ProtectConfig().to_dict()
-    if name not in defaults or not value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a ProtectConfig field; fields: {', '.join(defaults)}")
-    if isinstance(defaults[name], tuple):
-        return name, tuple(v for v in value.split(",") if v)
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
 
 
 def main() -> None:
