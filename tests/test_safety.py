@@ -529,6 +529,13 @@ def test_saving_a_state_never_overwrites_or_repermissions_a_users_folder(tmp_pat
     assert UGETransform.from_pretrained(tmp_path / "saved").fingerprint == transform.fingerprint
 
 
+def test_a_run_without_the_misalignment_is_flagged_as_unprotected(tmp_path, rows, key, fast):
+    from dataclasses import replace
+
+    with pytest.warns(UserWarning, match="lambda_fd=0: .* it is not protected"), pytest.raises(ValueError, match="splits is empty"):
+        protect(rows, key, replace(fast, lambda_fd=0.0), splits=[], output_dir=tmp_path / "o", verbose=False)
+
+
 def test_no_split_to_protect_and_a_file_as_output_are_clear_errors(tmp_path, rows, key, fast):
     with pytest.raises(ValueError, match="splits is empty: nothing to protect; name at least one of: train"):
         protect(DatasetDict({"train": rows}), key, fast, splits=[], output_dir=tmp_path / "o", verbose=False)

@@ -20,6 +20,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -176,6 +177,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
 
     config = config or ProtectConfig()
     check_feature_space(config, feature_backbone)
+    if not config.lambda_fd:  # allowed for ablations, but never silently published as protection
+        warnings.warn("lambda_fd=0: nothing misaligns the features, so every model learns from this output as from the clean "
+                      "data (measured: hackers keep 1.00 of their accuracy); it is not protected. Keep lambda_fd > 0 to protect",
+                      stacklevel=2)
     if output_format not in ("parquet", "arrow"):
         raise ValueError(f"output_format must be 'parquet' or 'arrow', not {output_format!r}")
     if other_splits not in ("copy", "drop"):
