@@ -8,7 +8,7 @@ from huggingface_hub import DatasetCard
 
 from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, load_protected, protect, verify
 from uge_hf.cli import main
-from uge_hf.hub import KeyMismatchError
+from uge_hf.hub import KeyMismatchError, TamperedShardError
 from uge_hf.utils import sha256_file
 
 from .conftest import CIFAR10
@@ -50,6 +50,27 @@ def test_card_lists_both_hashes_and_nothing_else_about_the_keys(two_key_run, key
     assert block["key_weights_sha256"] == [k.weights_file_sha256 for k in keys]
     public = (two_key_run / "README.md").read_text() + (two_key_run / "uge_hf.json").read_text()
     assert "resnet-small" not in public and "convnet" not in public
+
+
+def test_the_card_speaks_of_every_key(two_key_run):
+    text = DatasetCard.load(two_key_run / "README.md").text
+    assert "**2 authorized models**" in text and "authorized 2 models only" in text and "one authorized model" not in text
+
+
+@pytest.mark.parametrize("edited", ["README.md", "uge_hf.json"])
+def test_a_key_swapped_into_one_file_authorizes_nobody(tmp_path, two_key_run, keys, edited):
+    """Swapping a third key's hashes into the card alone (or the metadata alone) must not let it in."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_key_run, copy)
+    intruder = AuthorizedModel.create("convnet", 10, seed=3)
+    path = copy / edited
+    text = path.read_text().replace(keys[0].fingerprint, intruder.fingerprint)
+    path.write_text(text.replace(keys[0].weights_file_sha256, intruder.weights_file_sha256))
+    for key in (intruder, keys[1]):
+        with pytest.raises(TamperedShardError, match="key hashes .* differ"):
+            verify(copy, key)
 
 
 def test_state_holds_one_trajectory_per_key(two_key_run, keys, config):
@@ -162,3 +183,15 @@ def test_match_every_key_matches_both_keys_on_each_matching_step(two_key_run, ci
     assert ProtectConfig(match_every_key=np.bool_(True)).match_every_key is True
     with pytest.raises(ValueError, match="match_every_key must be True or False"):
         ProtectConfig(match_every_key="yes")
+
+
+def test_a_key_whose_file_hash_is_not_the_recorded_one_is_refused(tmp_path, two_key_run, keys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(two_key_run, copy)
+    intruder = AuthorizedModel.create("convnet", 10, seed=3)
+    for name in ("README.md", "uge_hf.json"):  # both files, the weight hash only: the file hash beside it stays the old key's
+        (copy / name).write_text((copy / name).read_text().replace(keys[0].fingerprint, intruder.fingerprint))
+    with pytest.raises(TamperedShardError, match="file hash .* is not the one recorded beside it"):
+        verify(copy, intruder)

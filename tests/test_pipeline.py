@@ -103,6 +103,9 @@ def test_streamed_input_gives_the_same_images(tmp_path, cifar, key, fast_config)
     assert list(out) == ["test"], "a stream keeps its split's name"
     streamed = out["test"]
     assert all(a.tobytes() == b.tobytes() for a, b in zip(streamed["img"], materialized["test"]["img"]))
+    again = load_dataset(str(CIFAR10), split="test", streaming=True).take(125)  # the same stream, a new object
+    rerun = protect(again, key, fast_config, output_dir=tmp_path / "stream", verbose=False)  # resumes: no "another run"
+    assert [im.tobytes() for im in rerun["test"]["img"]] == [im.tobytes() for im in streamed["img"]]
 
 
 def test_arrow_output_format(tmp_path, small_train, key, fast_config):

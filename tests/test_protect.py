@@ -61,6 +61,8 @@ def test_transform_in_datasets_map_matches_protect(protected_dir, small_train, k
     mapped = small_train.map(transform, batched=True, batch_size=transform.batch_size)
     expected = load_dataset(str(protected_dir))["train"]
     assert (pixels(mapped) == pixels(expected)).all()
+    with pytest.raises(TypeError, match=f"batched=True, batch_size={transform.batch_size}"):  # one row at a time
+        small_train.select(range(2)).map(transform)
 
 
 def test_transform_pickles_and_fingerprints_deterministically(protected_dir, small_train):

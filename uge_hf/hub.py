@@ -154,12 +154,21 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
     Raises:
         KeyMismatchError: the key's hash is none of the card's (both shown), unless
             ``trust_mismatch=True``.
-        TamperedShardError: a data file was modified, is missing, or is not listed, or the
-            card's ``configs`` name other files than the protected shards.
+        TamperedShardError: a data file was modified, is missing, or is not listed; the
+            card's ``configs`` name other files than the protected shards; or the card and
+            ``uge_hf.json`` disagree on the shards' or the keys' hashes.
         FileNotFoundError: ``dataset`` is no protected dataset (no card or ``uge_hf.json``).
     """
     folder = fetch(dataset, revision, token)
     record = card_record(folder)  # before the key: a folder that is no protected dataset fails first
+    metadata = read_metadata(folder)
+    if metadata["shards"] != record["shards"]:
+        raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
+    # The keys too, before any key is judged: an edit of one file alone must not authorize another key.
+    for field, name in (("key_fingerprints", "fingerprint"), ("key_weights_sha256", "weights_sha256")):
+        if field in record and record[field] != [k.get(name) for k in metadata.get("keys", [])]:
+            raise TamperedShardError(f"the key hashes ({field}) in uge_hf.json differ from those on the dataset card; "
+                                     "the folder was modified: re-download it, and ask the data owner which key is yours")
     key = authorized_model if isinstance(authorized_model, AuthorizedModel) else \
         AuthorizedModel.from_pretrained(authorized_model, revision=key_revision, token=token)
     recorded = record.get("key_fingerprints") or [record["key_fingerprint"]]  # one key, as uge-hf 0.1.0 wrote it
@@ -170,9 +179,9 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
         if not trust_mismatch:
             raise KeyMismatchError(message + " (or, in Python, load_protected(..., trust_mismatch=True) to load anyway)")
         warnings.warn(message + "; loading anyway because trust_mismatch=True: the model will not learn from this data", stacklevel=2)
-    metadata = read_metadata(folder)
-    if metadata["shards"] != record["shards"]:
-        raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
+    elif "key_weights_sha256" in record and record["key_weights_sha256"][index] != key.weights_file_sha256:
+        raise TamperedShardError(f"the key's weight hash is the card's key {index + 1}, but its file hash "
+                                 f"{key.weights_file_sha256} is not the one recorded beside it; the card was modified")
     return {"folder": folder, "key": key, "key_fingerprint": key.fingerprint, "key_index": index, "num_keys": len(recorded),
             "shards_checked": check_shards(folder, metadata)}
 

@@ -200,6 +200,9 @@ class UGETransform:
         if self.image_column not in batch or self.label_column not in batch:
             raise KeyError(f"batch has columns {sorted(batch)}, but this transform reads image_column={self.image_column!r} "
                            f"and label_column={self.label_column!r}; pass them to UGETransform.fit")
+        if not isinstance(batch[self.label_column], (list, tuple)):  # map() without batched=True hands over one row
+            raise TypeError(f"the transform perturbs batches of rows: call ds.map(transform, batched=True, "
+                            f"batch_size={self.batch_size}) (the batch size is part of the bytes out)")
         rank = args[-1] if args and isinstance(args[-1], int) else None
         device = torch.device("cuda", rank % torch.cuda.device_count()) if rank is not None and torch.cuda.is_available() else None
         pixels = [self.pixels(img) for img in batch[self.image_column]]
