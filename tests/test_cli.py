@@ -196,3 +196,10 @@ def test_protect_into_the_current_folder(key_dir, tmp_path, monkeypatch):
                  "--preset", "fast", "--batch-size", "20", "--quiet"]) == 0
     assert len(load_dataset(str(work))["train"]) == 40
     assert (tmp_path / "work.uge-state" / "state" / "state.json").is_file()
+
+
+def test_evaluate_refuses_a_misspelt_attack_before_warning_or_training(protected_cli, key_dir, capsys):
+    code = main(["evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--epochs", "1", "--attacks", "jpeg11",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown attack 'jpeg11'" in err and "warning" not in err

@@ -92,6 +92,7 @@ def _evaluate(args) -> int:
     from datasets import load_dataset
 
     from .evaluation import evaluate
+    from .attacks import get_attack
     from .folder import FIGURE_NAME, load_output, read_metadata
     from .hub import verify
     from .key import AuthorizedModel
@@ -107,6 +108,9 @@ def _evaluate(args) -> int:
         if folder and not folder.is_dir():
             raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist; create it, or pick a path in "
                                     "an existing folder (checked before training, so no run is lost)")
+    attacks = ["none"] + [a for a in args.attacks.split(",") if a]
+    for name in attacks:  # a misspelt attack fails now, before any warning or training
+        get_attack(name)
     metadata = read_metadata(args.protected)
     trajectory_epochs = metadata["config"].get("trajectory_epochs")
     if trajectory_epochs and trajectory_epochs != args.epochs:
@@ -126,7 +130,7 @@ def _evaluate(args) -> int:
     test = clean[args.test_split]
     test = test.select(range(min(len(test), args.test_size))) if args.test_size else test
     report = evaluate(protected, test, keys, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
-                      epochs=args.epochs, attacks=["none"] + [a for a in args.attacks.split(",") if a], attack_clean=args.attack_clean,
+                      epochs=args.epochs, attacks=attacks, attack_clean=args.attack_clean,
                       attacked_models=args.attacked_models.split(",") if args.attacked_models else None,
                       eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
