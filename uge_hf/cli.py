@@ -91,8 +91,8 @@ def _evaluate(args) -> int:
 
     from datasets import load_dataset
 
-    from .evaluation import evaluate
     from .attacks import get_attack
+    from .evaluation import evaluate
     from .folder import FIGURE_NAME, load_output, read_metadata
     from .hub import verify
     from .key import AuthorizedModel

@@ -109,15 +109,15 @@ def fetch(dataset: str | os.PathLike, revision: Optional[str], token: Optional[s
                                 "copy cached): check the path, or your connection") from None
 
 
-def card_record(folder: Path) -> dict:
+def card_record(folder: Path, metadata: dict) -> dict:
     """The ``uge_hf:`` block of the folder's dataset card, after checking that the card's
-    ``configs`` (what ``load_dataset`` reads) name exactly the shards of ``uge_hf.json``.
+    ``configs`` (what ``load_dataset`` reads) name exactly the shards of ``metadata`` (its
+    ``uge_hf.json``).
 
     Raises:
-        FileNotFoundError: the folder has no card or no ``uge_hf.json``: not a protected dataset.
+        FileNotFoundError: the folder has no card: not a protected dataset.
         TamperedShardError: the card points ``load_dataset`` at other files.
     """
-    metadata = read_metadata(folder)
     if not (folder / CARD_NAME).is_file():
         raise FileNotFoundError(f"{folder} has no {CARD_NAME} (the dataset card): not a folder written by uge_hf.protect")
     data = DatasetCard.load(folder / CARD_NAME).data.to_dict()
@@ -160,8 +160,8 @@ def verify(dataset: str | os.PathLike, authorized_model: Union[str, os.PathLike,
         FileNotFoundError: ``dataset`` is no protected dataset (no card or ``uge_hf.json``).
     """
     folder = fetch(dataset, revision, token)
-    record = card_record(folder)  # before the key: a folder that is no protected dataset fails first
-    metadata = read_metadata(folder)
+    metadata = read_metadata(folder)  # before the key: a folder that is no protected dataset fails first
+    record = card_record(folder, metadata)
     if metadata["shards"] != record["shards"]:
         raise TamperedShardError("the shard hashes in uge_hf.json differ from those on the dataset card; the folder was modified")
     # The keys too, before any key is judged: an edit of one file alone must not authorize another key.

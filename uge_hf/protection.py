@@ -38,7 +38,7 @@ from .data import (check_color_mode, check_memory, decode_image, encode_png, fin
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
 from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
-                     read_fresh, read_metadata, remove_empty_dirs, shard_name, split_of, write_metadata)
+                     read_fresh, read_metadata, remove_empty_dirs, shard_name, shards_by_split, split_of, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
@@ -276,10 +276,11 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
 
         # Shards, dealt round-robin to processes; each is skipped if already complete.
         progress_dir = private_dir(state_path / "progress")
+        progress_record = lambda name, i: progress_dir / f"{name}-{i:05d}.json"  # what a finished shard records
         mine = jobs[accelerator.process_index::accelerator.num_processes]
         for name, i, count, rows in progress_bar(mine, desc="protect shards", unit="shard", verbose=verbose):
             path = out / shard_name(name, i, count)
-            record = progress_dir / f"{name}-{i:05d}.json"
+            record = progress_record(name, i)
             if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
                 continue
             started = time.time()
@@ -289,14 +290,14 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         accelerator.wait_for_everyone()
 
         if accelerator.is_main_process:
-            records = {(n, i): json.loads((progress_dir / f"{n}-{i:05d}.json").read_text()) for n, i, _, _ in jobs}
+            records = {(n, i): json.loads(progress_record(n, i).read_text()) for n, i, _, _ in jobs}
             perturbed = {s: sum(r["changed"] for (n, _), r in records.items() if n == s) /
                          sum(r["values"] for (n, _), r in records.items() if n == s) for s in splits}
             unchanged = [s for s, fraction in perturbed.items() if fraction == 0]
             if unchanged:  # its shards are clean copies: none may stay where load_dataset would find them
                 for n, i, c, _ in jobs:
                     (out / shard_name(n, i, c)).unlink(missing_ok=True)
-                    (progress_dir / f"{n}-{i:05d}.json").unlink(missing_ok=True)
+                    progress_record(n, i).unlink(missing_ok=True)
                 remove_empty_dirs(out / "data", out)
                 raise RuntimeError(f"protecting split(s) {unchanged} left every pixel unchanged, so nothing would be protected; "
                                    "refusing to publish it as protected (its shards are removed). Check the config's step_size, "
@@ -323,12 +324,12 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             }
             if output_format == "arrow":
                 arrow_dir = out / "arrow"
-                splits_read = read_fresh(out, shards)
+                splits_read, by_split = read_fresh(out, shards), shards_by_split(shards)
                 for name, split in splits_read.items():
                     # datasets fingerprints a freshly loaded split from its files' paths and times,
                     # and save_to_disk records it: pin it to the shards' hashes, so equal runs
                     # write equal bytes (it only keys datasets' cache).
-                    split._fingerprint = hashlib.sha256("".join(shards[p] for p in sorted(shards) if split_of(p) == name).encode()).hexdigest()[:16]
+                    split._fingerprint = hashlib.sha256("".join(shards[p] for p in by_split[name]).encode()).hexdigest()[:16]
                 splits_read.save_to_disk(str(arrow_dir))
                 shutil.rmtree(out / "data")
                 metadata["shards"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}

@@ -26,7 +26,8 @@ from .utils import atomic_write, is_temporary_of, private_dir, tensors_fingerpri
 
 STATE_WEIGHTS = "state.safetensors"
 STATE_CONFIG = "state.json"
-STATE_FILES = (STATE_WEIGHTS, STATE_CONFIG, "transform.json")  # what a saved state (and its transform) folder holds
+TRANSFORM_CONFIG = "transform.json"  # the columns a UGETransform saves beside its state
+STATE_FILES = (STATE_WEIGHTS, STATE_CONFIG, TRANSFORM_CONFIG)  # what a saved state (and its transform) folder holds
 
 
 def check_state_folder(directory: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ from .data import encode_png, find_columns, load_tensors, to_pixels, validate_la
 from .fitting import Generator, build_generator, build_shared_state
 from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
-from .state import SharedState
+from .state import TRANSFORM_CONFIG, SharedState
 from .training import to_float
 from .utils import atomic_write, default_device, private_dir, seeded_generator
 
@@ -112,12 +112,12 @@ class UGETransform:
             FileExistsError: ``directory`` holds files other than an earlier saved state.
         """
         self.state.save_pretrained(directory)
-        atomic_write(private_dir(directory) / "transform.json", json.dumps(
+        atomic_write(private_dir(directory) / TRANSFORM_CONFIG, json.dumps(
             {"image_column": self.image_column, "label_column": self.label_column}, sort_keys=True).encode(), private=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, feature_backbone: Optional[nn.Module] = None, verbose: bool = False) -> "UGETransform":
-        columns = json.loads((Path(directory) / "transform.json").read_text())
+        columns = json.loads((Path(directory) / TRANSFORM_CONFIG).read_text())
         return cls(SharedState.from_pretrained(directory), feature_backbone=feature_backbone, verbose=verbose, **columns)
 
     # -- identity and pickling -----------------------------------------------------------
