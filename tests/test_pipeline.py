@@ -88,12 +88,39 @@ def test_killed_run_resumes_to_identical_bytes(key_dir, reference, phase):
     if phase == "shards":  # after the first shard, before the last
         kill_when(proc, lambda: (state / "progress").exists() and len(list((state / "progress").iterdir())) >= 1)
         assert len(list((state / "progress").iterdir())) < 4
+        # The finished shards wait in the hidden staging folder: nothing is loadable as protected yet.
+        assert list((out / ".uge_hf_partial" / "data").glob("*.parquet")) and not (out / "data").exists()
+        with pytest.raises(FileNotFoundError):
+            load_dataset(str(out))
     else:  # after the phase's first epoch checkpoint, before the state is complete
         cache = state / "cache"
         kill_when(proc, lambda: (cache / f"{phase}.resume.pt").exists() or (cache / f"{phase}.safetensors").exists())
         assert not (state / "state" / "state.json").exists()
     subprocess.run(args, env=run_env(), check=True)
     assert folder_digest(out) == reference(mode)
+
+
+def test_a_killed_overwrite_leaves_the_earlier_run_whole(key_dir):
+    """--overwrite replaces the earlier run only once the new one is complete: killed halfway,
+    the folder still holds the earlier run, verified and loadable as it was."""
+    from uge_hf import verify
+
+    out = key_dir.parent / "overwritten"
+    first = [sys.executable, "-m", "uge_hf", *PROTECT, "--limit", "100", "--key", str(key_dir), "--out", str(out)]  # two shards
+    subprocess.run(first, env=run_env(), check=True)
+    published = folder_digest(out)
+    images = lambda: [im.tobytes() for im in load_dataset(str(out), split="train", download_mode="force_redownload")["img"]]
+    rows = images()
+    second = first + ["--epsilon", "4/255", "--overwrite"]
+    kill_when(subprocess.Popen(second, env=run_env()), lambda: list(out.glob(".uge_hf_partial/data/*.parquet")))
+    assert {rel: d for rel, d in folder_digest(out).items() if not rel.startswith(".uge_hf_partial/")} == published
+    assert verify(out, key_dir)["shards_checked"] == 2
+    assert images() == rows
+    subprocess.run(second, env=run_env(), check=True)  # resumes the new run, then replaces the earlier one
+    assert not (out / ".uge_hf_partial").exists()
+    assert json.loads((out / "uge_hf.json").read_text())["config"]["epsilon"] == 4 / 255
+    assert set(folder_digest(out)) == set(published) and verify(out, key_dir)["shards_checked"] == 2
+    assert images() != rows
 
 
 def test_streamed_input_gives_the_same_images(tmp_path, cifar, key, fast_config):

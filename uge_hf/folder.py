@@ -31,6 +31,8 @@ METADATA_NAME = "uge_hf.json"
 CARD_NAME = "README.md"
 FIGURE_NAME = "efficacy.png"
 MANIFEST_NAME = ".uge_hf_manifest.json"
+# Where a run writes until it is complete (folder.claim_output); hidden, so load_dataset never reads it.
+STAGING_NAME = ".uge_hf_partial"
 DATA_FOLDERS = ("data", "arrow")
 # A file of a protected folder, besides the data files its metadata lists.
 PUBLIC_FILES = (CARD_NAME, METADATA_NAME, FIGURE_NAME)
@@ -127,9 +129,10 @@ def folder_features(folder: Path):
 
 def unlisted_files(folder: Path, metadata: dict) -> list[str]:
     """Files of a published protected folder that its metadata does not account for: a data
-    file slipped in beside the protected shards is loaded by ``load_dataset`` all the same."""
+    file slipped in beside the protected shards is loaded by ``load_dataset`` all the same.
+    A run in progress's hidden staging folder is not counted: nothing loads or publishes it."""
     allowed = set(metadata["shards"]) | set(PUBLIC_FILES) | {MANIFEST_NAME, ".gitattributes"}
-    return sorted(rel for rel in _walk(folder) if rel not in allowed and not rel.startswith(".cache/"))
+    return sorted(rel for rel in _outside_staging(folder) if rel not in allowed and not rel.startswith(".cache/"))
 
 
 def _walk(folder: Path) -> list[str]:
@@ -149,6 +152,10 @@ def _owned(out: Path) -> Optional[dict]:
     return None
 
 
+def _recorded(record: Optional[dict]) -> tuple[set[str], list[str]]:
+    return (set(record["files"]), record.get("dirs", [])) if record else (set(), [])
+
+
 def _is_ours(rel: str, files: set[str], dirs: Iterable[str]) -> bool:
     if rel in files or rel == MANIFEST_NAME or any(rel.startswith(d + "/") for d in dirs):
         return True
@@ -157,55 +164,118 @@ def _is_ours(rel: str, files: set[str], dirs: Iterable[str]) -> bool:
                for f in files | {MANIFEST_NAME})
 
 
+def _is_leftover(rel: str, files: set[str], dirs: Iterable[str]) -> bool:
+    """A killed writer's temporary file: ours (:func:`_is_ours`), but no recorded file."""
+    return rel not in files and rel != MANIFEST_NAME and not any(rel.startswith(d + "/") for d in dirs)
+
+
 def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _outside_staging(out: Path) -> list[str]:
+    return [rel for rel in _walk(out) if PurePosixPath(rel).parts[0] != STAGING_NAME]
+
+
+def published_run(out: Path) -> Optional[str]:
+    """The run id whose files ``out`` holds in place (published), or None."""
+    record = _owned(out)
+    return record["run_id"] if record else None
 
 
 def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], overwrite: bool) -> Callable[[], None]:
     """Check that ``out`` can be this run's: empty, or holding only files uge-hf recorded. A
     finished or interrupted attempt of the same run is kept (to resume); another run's files
-    are replaced with ``overwrite`` (only those), refused without it.
+    may be replaced with ``overwrite`` (only those), and are refused without it.
+
+    The run writes into ``out/.uge_hf_partial`` (:data:`STAGING_NAME`: hidden, so
+    ``load_dataset`` never reads it) and :func:`publish_output` moves its files into place
+    once it is complete. Until then the run published in ``out`` before stays whole and
+    loadable, however the new one ends, and a killed first run leaves nothing loadable.
 
     Returns the step that takes the folder, to run once every check of the run passed: it
-    deletes another run's files (with ``overwrite``) or leftover temporary files of a killed
-    writer, then records ``files`` and ``dirs`` in the manifest.
+    deletes a killed writer's temporary files and an abandoned attempt of another run (with
+    ``overwrite``), then records ``files`` and ``dirs`` in the staging folder's manifest.
 
     Raises:
         FileExistsError: ``out`` holds files uge-hf did not write (named), or another run
             and ``overwrite`` is off.
     """
-    record = _owned(out)
-    present = _walk(out)
-    owned_files, owned_dirs = set(record["files"]) if record else set(), record.get("dirs", []) if record else []
-    foreign = sorted(rel for rel in present if not _is_ours(rel, owned_files, owned_dirs))
+    staging = out / STAGING_NAME
+    published, pending = _owned(out), _owned(staging)
+    present, staged = _outside_staging(out), _walk(staging) if staging.is_dir() else []
+    foreign = [rel for rel in present if not _is_ours(rel, *_recorded(published))]
+    foreign += [f"{STAGING_NAME}/{rel}" for rel in staged if not _is_ours(rel, *_recorded(pending))]
     if foreign:
-        raise FileExistsError(f"{out} holds files uge-hf did not write ({_listing(foreign)}); uge-hf never deletes or writes "
+        raise FileExistsError(f"{out} holds files uge-hf did not write ({_listing(sorted(foreign))}); uge-hf never deletes or writes "
                               "beside files it does not own, even with overwrite (--overwrite): choose a new or empty output_dir (--out)")
-    replace = record is not None and record["run_id"] != run_id
-    if replace and not overwrite:
+    if any(record is not None and record["run_id"] != run_id for record in (published, pending)) and not overwrite:
         raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "
-                              "(--overwrite) to replace its files (only those uge-hf recorded there are deleted), "
-                              "or choose another output_dir (--out)")
-    # Same run: only a killed writer's temporary files go (nobody else writes here under the lock).
-    doomed = present if replace else [rel for rel in present if rel not in owned_files and rel != MANIFEST_NAME
-                                      and not any(rel.startswith(d + "/") for d in owned_dirs)]
+                              "(--overwrite) to replace its files (only those uge-hf recorded there are deleted, and only once "
+                              "the new run is complete), or choose another output_dir (--out)")
+    abandoned = pending is not None and pending["run_id"] != run_id
+    doomed = [out / rel for rel in present if _is_leftover(rel, *_recorded(published))]
+    doomed += [staging / rel for rel in staged if abandoned or _is_leftover(rel, *_recorded(pending))]
 
     def take() -> None:
-        for rel in doomed:
-            (out / rel).unlink()
-        for rel in doomed:
-            remove_empty_dirs((out / rel).parent, out)
-        _write_manifest(out, {"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs), "pid": os.getpid()})
+        for path in doomed:
+            path.unlink()
+        for path in doomed:
+            remove_empty_dirs(path.parent, out)
+        staging.mkdir(exist_ok=True)
+        _write_manifest(staging, {"run_id": run_id, "files": sorted(files), "dirs": sorted(dirs), "pid": os.getpid()})
 
     return take
 
 
-def finish_output(out: Path) -> None:
-    """Drop the writer's pid from the manifest once the run is complete: it only names the
-    holder of a run in progress, and a finished folder is the same bytes whoever wrote it."""
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest.pop("pid", None)
-    _write_manifest(out, manifest)
+def staged_path(out: Path, rel: str) -> Path:
+    """Where this run writes the file ``rel`` of ``out`` until :func:`publish_output`."""
+    return out / STAGING_NAME / rel
+
+
+def publish_output(out: Path) -> None:
+    """Move the complete run staged in ``out`` (:func:`claim_output`) into place: its files
+    replace the run published there before, whose other recorded files are deleted then,
+    and not before. The manifest records every file present at each step, so a crash in
+    between leaves nothing uge-hf would not recognize as its own; a rerun finishes the move."""
+    staging = out / STAGING_NAME
+    new, old = _owned(staging), _owned(out)
+    new_files, new_dirs = set(new["files"]), set(new["dirs"])
+    old_files, old_dirs = _recorded(old)
+    replace = old is not None and old["run_id"] != new["run_id"]
+    moving = [rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs]
+    stale = {f for f in old_files if f not in moving and (replace or f not in new_files)} | set((old or {}).get("stale", []))
+    stale_dirs = {d for d in old_dirs if replace or d not in new_dirs} | set((old or {}).get("stale_dirs", []))
+    _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files | old_files), "dirs": sorted(new_dirs | set(old_dirs)),
+                          "stale": sorted(stale), "stale_dirs": sorted(stale_dirs)})
+    for name in sorted(stale_dirs | {d for d in new_dirs if (staging / d).is_dir()}):
+        shutil.rmtree(out / name, ignore_errors=True)  # a recorded folder: wholly uge-hf's
+    for name in sorted(new_dirs):
+        if (staging / name).is_dir():
+            os.replace(staging / name, out / name)
+    for rel in moving:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    for rel in sorted(stale):
+        (out / rel).unlink(missing_ok=True)
+        remove_empty_dirs((out / rel).parent, out)
+    _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files), "dirs": sorted(new_dirs)})
+    discard_staging(out)
+
+
+def discard_staging(out: Path) -> None:
+    """Delete what the run staged in ``out`` (only the files its manifest records, and its
+    writers' temporary files), then the staging folder once empty."""
+    staging = out / STAGING_NAME
+    files, dirs = _recorded(_owned(staging))
+    for name in dirs:
+        shutil.rmtree(staging / name, ignore_errors=True)
+    for rel in sorted(_walk(staging), reverse=True):  # the manifest (".uge…") sorts first: it goes last
+        if _is_ours(rel, files, dirs):
+            (staging / rel).unlink()
+    for folder in sorted((p for p in staging.rglob("*") if p.is_dir()), reverse=True):
+        remove_empty_dirs(folder, staging)
+    remove_empty_dirs(staging, out)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -4,10 +4,12 @@ The pipeline: resolve and validate every split before any work (columns, labels,
 pass that decodes every image, :mod:`uge_hf.data`); claim and lock the output and state
 folders (:mod:`uge_hf.folder`); build the shared state once (resumable, in ``state_dir``);
 cut each split into shards of whole batches; protect each shard on its own (shards are dealt
-out to Accelerate processes) and write it under a temporary name, renamed when complete;
-after a barrier, the main process checks that the data changed, then writes
-``uge_hf.json`` and the dataset card. A rerun skips shards whose bytes match the recorded
-hash, so an interrupted run finishes with the same bytes as an uninterrupted one.
+out to Accelerate processes) and write it under a temporary name, renamed when complete,
+into the output's hidden staging folder; after a barrier, the main process checks that the
+data changed, writes ``uge_hf.json`` and the dataset card, and only then moves the run into
+place, replacing the run published there before (:func:`uge_hf.folder.publish_output`). A
+rerun skips shards whose bytes match the recorded hash, so an interrupted run finishes with
+the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from .config import ProtectConfig
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
-from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STATE_MARKER, claim_output, claim_state, finish_output, lock_folder, load_output,
-                     read_fresh, read_metadata, remove_empty_dirs, shard_name, shards_by_split, split_of, write_metadata)
+from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STAGING_NAME, STATE_MARKER, claim_output, claim_state, discard_staging,
+                     load_output, lock_folder, publish_output, published_run, read_fresh, read_metadata, shard_name, shards_by_split,
+                     split_of, staged_path, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
 from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
@@ -153,8 +156,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         state_dir: where the shared state and progress live (default ``<output_dir>.uge-state``),
             owner-only (0700). It holds the key's trajectory, θ0 included: never publish it.
         overwrite: replace another uge-hf run's files in ``output_dir`` and ``state_dir``.
-            Only files uge-hf recorded as its own are ever deleted; a folder holding anything
-            else is refused even with ``overwrite``.
+            Only files uge-hf recorded as its own are ever deleted, and those of
+            ``output_dir`` only once the new run is complete (until then it writes into the
+            hidden ``.uge_hf_partial/``); a folder holding anything else is refused even
+            with ``overwrite``.
         disclose_key_architecture: record each key's architecture and class count in the
             public card and ``uge_hf.json``. Off by default: whoever knows the architecture
             holds most of what the key gives (README, threat model).
@@ -274,17 +279,20 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                                                                     "phases_s": transform.state.timings}).encode(), private=True)
         accelerator.wait_for_everyone()
 
-        # Shards, dealt round-robin to processes; each is skipped if already complete.
+        # Shards, dealt round-robin to processes, written into the staging folder (published
+        # when all are done); each is skipped if already complete, staged or (a rerun of a
+        # finished run) in place.
         progress_dir = private_dir(state_path / "progress")
         progress_record = lambda name, i: progress_dir / f"{name}-{i:05d}.json"  # what a finished shard records
+        same_run = published_run(out) == rid
+        located = lambda rel: staged_path(out, rel) if staged_path(out, rel).exists() or not same_run else out / rel
         mine = jobs[accelerator.process_index::accelerator.num_processes]
         for name, i, count, rows in progress_bar(mine, desc="protect shards", unit="shard", verbose=verbose):
-            path = out / shard_name(name, i, count)
-            record = progress_record(name, i)
+            path, record = located(shard_name(name, i, count)), progress_record(name, i)
             if path.exists() and record.exists() and json.loads(record.read_text())["sha256"] == sha256_file(path):
                 continue
             started = time.time()
-            written = protect_shard(transform, data[name], rows, path, verbose)
+            written = protect_shard(transform, data[name], rows, staged_path(out, shard_name(name, i, count)), verbose)
             atomic_write(record, json.dumps({**written, "rows": [rows.start, rows.stop], "process": accelerator.process_index,
                                              "started": started, "finished": time.time()}).encode(), private=True)
         accelerator.wait_for_everyone()
@@ -294,11 +302,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             perturbed = {s: sum(r["changed"] for (n, _), r in records.items() if n == s) /
                          sum(r["values"] for (n, _), r in records.items() if n == s) for s in splits}
             unchanged = [s for s, fraction in perturbed.items() if fraction == 0]
-            if unchanged:  # its shards are clean copies: none may stay where load_dataset would find them
-                for n, i, c, _ in jobs:
-                    (out / shard_name(n, i, c)).unlink(missing_ok=True)
+            if unchanged:  # its shards are clean copies: none may stay, nor be published
+                discard_staging(out)
+                for n, i, _, _ in jobs:
                     progress_record(n, i).unlink(missing_ok=True)
-                remove_empty_dirs(out / "data", out)
                 raise RuntimeError(f"protecting split(s) {unchanged} left every pixel unchanged, so nothing would be protected; "
                                    "refusing to publish it as protected (its shards are removed). Check the config's step_size, "
                                    f"epsilon and loss weights ({config.to_json()})")
@@ -306,7 +313,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             for name, count in copy_counts.items():
                 reencoded = clean_copy(data[name], columns[0])
                 for i in range(count):
-                    path = out / shard_name(name, i, count)
+                    path = staged_path(out, shard_name(name, i, count))
+                    path.parent.mkdir(parents=True, exist_ok=True)  # a rerun may have staged no protected shard
                     tmp = path.with_name(temporary_name(path.name))
                     reencoded.shard(count, i, contiguous=True).to_parquet(str(tmp))
                     os.replace(tmp, path)
@@ -322,23 +330,24 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
                 "shards": dict(sorted(shards.items())), "source": source, "efficacy": efficacy, "output_format": output_format,
             }
-            if output_format == "arrow":
-                arrow_dir = out / "arrow"
-                splits_read, by_split = read_fresh(out, shards), shards_by_split(shards)
+            staging = out / STAGING_NAME
+            if output_format == "arrow":  # every parquet shard is staged: a published arrow run keeps none
+                arrow_dir = staging / "arrow"
+                splits_read, by_split = read_fresh(staging, shards), shards_by_split(shards)
                 for name, split in splits_read.items():
                     # datasets fingerprints a freshly loaded split from its files' paths and times,
                     # and save_to_disk records it: pin it to the shards' hashes, so equal runs
                     # write equal bytes (it only keys datasets' cache).
                     split._fingerprint = hashlib.sha256("".join(shards[p] for p in by_split[name]).encode()).hexdigest()[:16]
                 splits_read.save_to_disk(str(arrow_dir))
-                shutil.rmtree(out / "data")
-                metadata["shards"] = {p.relative_to(out).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
-            metadata["num_bytes"] = {s: sum((out / p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
-            if efficacy is None and (out / METADATA_NAME).is_file():  # a rerun of this very run keeps what evaluate recorded
+                shutil.rmtree(staging / "data")
+                metadata["shards"] = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
+            metadata["num_bytes"] = {s: sum(located(p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
+            if efficacy is None and same_run and (out / METADATA_NAME).is_file():  # a rerun of this very run keeps what evaluate recorded
                 metadata["efficacy"] = read_metadata(out).get("efficacy")
-            write_metadata(out, metadata)
-            write_card(out, metadata, data[splits[0]].features, template=card_template)
-            finish_output(out)
+            write_metadata(staging, metadata)
+            write_card(staging, metadata, data[splits[0]].features, template=card_template)
+            publish_output(out)  # only now does the run published here before give way
         accelerator.wait_for_everyone()
         return load_output(out)
     finally:
@@ -353,7 +362,7 @@ def claim_folders(locks: ExitStack, out: Path, state_path: Path, rid: str, files
     created = [p for p in (out, state_path) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock_folder(locks, out, MANIFEST_NAME)
+        lock_folder(locks, out, f"{STAGING_NAME}/{MANIFEST_NAME}")
         state_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_folder(locks, state_path, STATE_MARKER)
         takes = [claim_output(out, rid, files, dirs, overwrite), claim_state(state_path, rid, overwrite)]
