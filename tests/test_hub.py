@@ -114,7 +114,7 @@ def test_card_fields_parse_back(pushed, protected_dir, key, fast_config, hub_tok
     assert block["key_fingerprints"] == [key.fingerprint]
     assert block["key_weights_sha256"] == [key.weights_file_sha256] and key.weights_file_sha256 == hashlib.sha256(key._weights_bytes()).hexdigest()
     assert block["epsilon"] == fast_config.epsilon and block["mode"] == "per-sample"
-    assert block["loss_weights"] == {"gm": 1.0, "fd": 1.0, "kc": 0.0, "ud": 0.0, "bind": 0.0}
+    assert block["loss_weights"] == {"gm": 1.0, "am": 0.0, "fd": 1.0, "kc": 0.0, "ud": 0.0, "bind": 0.0}
     assert block["state_fingerprint"] == meta["state_fingerprint"]
     assert block["shards"] == meta["shards"]
     from uge_hf import __version__
@@ -153,7 +153,8 @@ def test_card_renders_for_a_folder_written_before_a_config_field_existed(protect
     from uge_hf.folder import folder_features, read_metadata
 
     meta = read_metadata(protected_dir)
-    del meta["config"]["lambda_kc"]
+    del meta["config"]["lambda_kc"], meta["config"]["lambda_am"]
     card = render_card(meta, folder_features(protected_dir))
     assert card.data.to_dict()["uge_hf"]["loss_weights"]["kc"] == 0.0
-    assert "loss weights (gm, fd, kc, ud, bind) | 1.0, 1.0, 0.0, 0.0, 0.0" in card.text
+    assert card.data.to_dict()["uge_hf"]["loss_weights"]["am"] == 0.0
+    assert "loss weights (gm, am, fd, kc, ud, bind) | 1.0, 0.0, 1.0, 0.0, 0.0, 0.0" in card.text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from uge_hf.config import ProtectConfig
-from uge_hf.losses import (gradient_matching_loss, key_consistency_loss, layerwise_cosine_distance, misalignment_loss,
+from uge_hf.losses import (activation_matching_loss, gradient_matching_loss, key_consistency_loss, layerwise_cosine_distance, misalignment_loss,
                            misalignment_target, undistillation_loss)
 from uge_hf.models import create_model
 from uge_hf.transform import quantize
@@ -35,6 +35,19 @@ def test_classwise_gradient_matching_averages_each_class_batch():
     classwise = gradient_matching_loss(NET, WEIGHTS, X, x_u, Y, classwise=True)
     assert torch.allclose(classwise, sum(per_class) / len(per_class))
     assert not torch.allclose(classwise, gradient_matching_loss(NET, WEIGHTS, X, x_u, Y))  # not the mixed batch's
+
+
+def test_activation_matching_is_per_image_and_differentiable():
+    assert activation_matching_loss(NET, WEIGHTS, X, X.clone()).item() < 1e-10
+    delta = torch.zeros_like(X)
+    delta[0] = 0.1  # one image perturbed: the other images' distances stay 0
+    delta.requires_grad_(True)
+    loss = activation_matching_loss(NET, WEIGHTS, X, (X + delta).clamp(0, 1))
+    alone = activation_matching_loss(NET, WEIGHTS, X[:1], (X[:1] + delta[:1]).clamp(0, 1))
+    assert loss.item() > 0
+    assert torch.allclose(loss, alone / len(X), rtol=1e-4)  # instance norm: no image sees another
+    grad, = torch.autograd.grad(loss, delta)
+    assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
 
 
 def test_cosine_distance_bounds():

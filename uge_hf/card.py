@@ -48,7 +48,7 @@ def uge_block(metadata: dict) -> dict:
         "key_weights_sha256": [k["weights_sha256"] for k in keys],
         "epsilon": cfg["epsilon"],
         "mode": cfg["mode"],
-        "loss_weights": {"gm": cfg["lambda_gm"], "fd": cfg["lambda_fd"], "kc": cfg["lambda_kc"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
+        "loss_weights": {"gm": cfg["lambda_gm"], "am": cfg["lambda_am"], "fd": cfg["lambda_fd"], "kc": cfg["lambda_kc"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
         "steps": cfg["steps"],
         "seed": cfg["seed"],
         "state_fingerprint": metadata["state_fingerprint"],

@@ -102,6 +102,9 @@ class ProtectConfig:
     class_epochs: int = 10
     # Objective weights (losses.py).
     lambda_gm: float = 1.0
+    # Per-image activation matching at the key's trajectory (losses.activation_matching_loss):
+    # on every step (one forward and backward of the key). 0: off.
+    lambda_am: float = 0.0
     lambda_fd: float = 1.0
     lambda_ud: float = 0.0
     # The key at θ_T classifies x_u no worse than x (losses.key_consistency_loss): the
@@ -152,11 +155,11 @@ class ProtectConfig:
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
-        for name in ("lambda_gm", "lambda_fd", "lambda_kc", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
+        for name in ("lambda_gm", "lambda_am", "lambda_fd", "lambda_kc", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
             put(name, _real(name, getattr(self, name), 0.0))
         for name in ("match_every_key", "luminance", "gm_classwise"):
             put(name, _boolean(name, getattr(self, name)))
-        if not (self.lambda_gm or self.lambda_fd or self.lambda_kc or self.lambda_ud or self.lambda_bind):
+        if not (self.lambda_gm or self.lambda_am or self.lambda_fd or self.lambda_kc or self.lambda_ud or self.lambda_bind):
             raise ValueError("every loss weight is 0, so nothing would be protected; lambda_fd (the misalignment) is the protection")
         if self.momentum >= 1:
             raise ValueError(f"momentum must lie in [0, 1) (0.9 is usual); got {self.momentum!r}")

@@ -1,4 +1,4 @@
-"""The UGE objective ``L = λ_gm·L_gm + λ_fd·L_fd + λ_kc·L_kc + λ_ud·L_ud + λ_bind·L_bind`` (DESIGN.md 3).
+"""The UGE objective ``L = λ_gm·L_gm + λ_am·L_am + λ_fd·L_fd + λ_kc·L_kc + λ_ud·L_ud + λ_bind·L_bind`` (DESIGN.md 3).
 
 Every term takes clean images ``x``, protected images ``x_u`` (a function of δ) and labels
 ``y``, and returns a scalar to *minimize* with respect to δ:
@@ -82,6 +82,40 @@ def gradient_matching_loss(module: nn.Module, weights: dict[str, torch.Tensor], 
                                            parameter_gradients(module, weights, names, x_u[g], y[g], create_graph=True))
                  for g in groups]
     return sum(distances) / len(distances)
+
+
+def layer_outputs(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of every convolution and linear layer of ``module`` at ``weights`` on ``x``,
+    in the order the forward pass reaches them."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _in, out: outputs.append(out))
+             for m in module.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    try:
+        call_at(module, weights, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def activation_matching_loss(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                             x_u: torch.Tensor) -> torch.Tensor:
+    """``L_am`` at one checkpoint: per image and per convolution or linear layer, the squared
+    distance between the layer's outputs on ``x_u`` and on ``x``, relative to the clean
+    output's squared norm; averaged over images and layers. Differentiable w.r.t. ``x_u``.
+
+    A layer's weight gradient on one image is its backpropagated error times its input, so
+    when every layer's output on ``x_u`` equals that on ``x``, so does every per-image
+    gradient: training on ``x_u`` then takes the clean steps whatever the batches, crops and
+    order. :func:`gradient_matching_loss` constrains only a batch's summed gradient, which
+    per-image shortcut components that cancel within the search's batch still satisfy.
+    One forward and backward pass, no second-order term: cheaper than ``L_gm``.
+    """
+    with torch.no_grad():
+        clean = layer_outputs(module, weights, x)
+    protected = layer_outputs(module, weights, x_u)
+    distances = [(p - c).flatten(1).pow(2).sum(1) / c.flatten(1).pow(2).sum(1).clamp(min=1e-12) for p, c in zip(protected, clean)]
+    return torch.stack(distances).mean()
 
 
 def misalignment_target(y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import (defense_views, gradient_matching_loss, key_consistency_loss, matched_parameters, misalignment_loss,
-                     undistillation_loss)
+from .losses import (activation_matching_loss, defense_views, gradient_matching_loss, key_consistency_loss, matched_parameters,
+                     misalignment_loss, undistillation_loss)
 from .models import create_model
 from .state import SharedState
 from .training import random_crop_flip
@@ -73,7 +73,8 @@ class Objective:
         if "grayscale" in self.config.eot and state.in_channels != 3:
             raise ValueError(f"eot 'grayscale' needs RGB images; these have {state.in_channels} channel(s): drop it from eot")
         # Terms other than gradient matching: without any, every step must match.
-        self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud or self.config.lambda_kc)
+        self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud or self.config.lambda_kc
+                                    or self.config.lambda_am)
 
     @property
     def num_keys(self) -> int:
@@ -107,6 +108,11 @@ class Objective:
                 t = int(torch.randint(len(trajectory), (1,), generator=gen))
                 loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_nets[k], trajectory[t], x, x_u, y, self.names[k],
                                                                         cfg.gm_classwise)
+        if cfg.lambda_am:
+            for k in keys:
+                trajectory = self.trajectories[k]
+                t = int(torch.randint(len(trajectory), (1,), generator=gen))
+                loss = loss + cfg.lambda_am * activation_matching_loss(self.key_nets[k], trajectory[t], x, x_u)
         if cfg.lambda_fd and self.heads:
             loss = loss + cfg.lambda_fd * sum(misalignment_loss(self.heads, v, y, self.num_classes) for v in views) / len(views)
         if cfg.lambda_kc:
