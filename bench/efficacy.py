@@ -75,6 +75,9 @@ VARIANTS = {
     # Keys in turn, each weighted by the number of keys on its turn: over a batch each key pulls
     # as hard as a lone key does, at the cost of one key per matching step.
     "convnet+resnet-small-gm2": {"lambda_gm": 2.0},
+    # Per-image activation matching (losses.activation_matching_loss), beside and in place of L_gm.
+    "am10": {"lambda_am": 10.0},
+    "gm0-am10": {"lambda_gm": 0.0, "lambda_am": 10.0},
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
