@@ -104,15 +104,11 @@ class Objective:
         loss = x_u.new_zeros(())
         if cfg.lambda_gm and match:
             for k in keys:
-                trajectory = self.trajectories[k]
-                t = int(torch.randint(len(trajectory), (1,), generator=gen))
-                loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_nets[k], trajectory[t], x, x_u, y, self.names[k],
-                                                                        cfg.gm_classwise)
+                loss = loss + cfg.lambda_gm * gradient_matching_loss(self.key_nets[k], drawn(self.trajectories[k], gen), x, x_u, y,
+                                                                        self.names[k], cfg.gm_classwise)
         if cfg.lambda_am:
             for k in keys:
-                trajectory = self.trajectories[k]
-                t = int(torch.randint(len(trajectory), (1,), generator=gen))
-                loss = loss + cfg.lambda_am * activation_matching_loss(self.key_nets[k], trajectory[t], x, x_u)
+                loss = loss + cfg.lambda_am * activation_matching_loss(self.key_nets[k], drawn(self.trajectories[k], gen), x, x_u)
         if cfg.lambda_fd and self.heads:
             loss = loss + cfg.lambda_fd * sum(misalignment_loss(self.heads, v, y, self.num_classes) for v in views) / len(views)
         if cfg.lambda_kc:
@@ -122,10 +118,14 @@ class Objective:
             for k in keys:
                 loss = loss + cfg.lambda_ud * undistillation_loss(self.key_nets[k], self.finals[k], x_u, y)
         if cfg.lambda_bind and self.others and match:  # as costly as L_gm: on the matching steps only
-            traj = self.others[int(torch.randint(len(self.others), (1,), generator=gen))]
-            t = int(torch.randint(len(traj), (1,), generator=gen))
-            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_nets[0], traj[t], x, x_u, y, self.names[0])
+            checkpoint = drawn(drawn(self.others, gen), gen)
+            loss = loss - cfg.lambda_bind * gradient_matching_loss(self.key_nets[0], checkpoint, x, x_u, y, self.names[0])
         return loss
+
+
+def drawn(items: list, gen: torch.Generator):
+    """One of ``items``, drawn uniformly from ``gen`` (a trajectory's checkpoint, say)."""
+    return items[int(torch.randint(len(items), (1,), generator=gen))]
 
 
 def frozen(module: nn.Module) -> nn.Module:
