@@ -425,3 +425,37 @@ def test_momentum_steps_follow_the_running_sum_of_normalized_gradients(small_tra
     plain, heavy = search(0.0), search(0.9)
     assert not torch.equal(plain, heavy) and (heavy - x).abs().max() <= 8 / 255 + 1e-6
     assert torch.equal(heavy, search(0.9))
+
+
+def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_again_along_it(small_train, key, tmp_path):
+    from uge_hf.fitting import resumable_training, trajectory_recipe
+
+    rows = small_train.select(range(64))
+    images, labels = load_tensors(rows, "img", "label", 3, verbose=False)
+    config = ProtectConfig.preset("fast", batch_size=32, retrain_rounds=1)
+    protect_rows = lambda t: torch.stack([p for b in (0, 32) for p in t.perturb(list(images[b:b + 32]), labels[b:b + 32])])
+
+    retrained = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)
+    first = UGETransform.fit(rows, key, ProtectConfig.preset("fast", batch_size=32), verbose=False)
+    [[trajectory]] = retrained.state.retrained
+    assert len(trajectory) == config.trajectory_epochs + 1
+    # The round's key training is the key's training on exactly what the rounds before give the shards.
+    expected = resumable_training("check", key.build(), protect_rows(first), labels, trajectory_recipe(config), config.seed, None,
+                                  True, False)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(trajectory, expected) for k in a)
+    assert not torch.equal(trajectory[-1]["features.1.weight"], retrained.state.trajectories[0][-1]["features.1.weight"])
+
+    out, before = protect_rows(retrained), protect_rows(first)
+    assert not torch.equal(out, before)  # searched again along the retrained trajectory
+    assert (out.int() - images.int()).abs().max() <= config.epsilon_levels
+    assert torch.equal(out, protect_rows(retrained))  # same bytes twice
+
+    retrained.save_pretrained(tmp_path / "state")
+    loaded = UGETransform.from_pretrained(tmp_path / "state")
+    assert loaded.fingerprint == retrained.fingerprint and torch.equal(protect_rows(loaded), out)
+    resumed = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)  # from the cache, no retraining
+    assert resumed.fingerprint == retrained.fingerprint
+    assert first.state.metadata().keys() == {k for k in retrained.state.metadata() if k != "retrained_lengths"}
+
+    with pytest.raises(ValueError, match="retrain_rounds=0 or low_frequency=0"):
+        ProtectConfig(retrain_rounds=1, low_frequency=0.5)

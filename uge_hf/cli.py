@@ -60,7 +60,7 @@ def _protect(args) -> int:
     from .protection import protect
 
     overrides = {"epsilon": parse_epsilon(args.epsilon)} if args.epsilon is not None else {}  # "" is judged, not ignored
-    for name in ("mode", "steps", "seed", "batch_size", "micro_batches", "fit_sample"):
+    for name in ("mode", "steps", "seed", "batch_size", "micro_batches", "fit_sample", "retrain_rounds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.resize:
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")
     p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
                    "matching step rather than one in turn: keys of different architectures keep more, the search costs more")
+    p.add_argument("--retrain-rounds", type=int, help="rounds of retraining (default 0): train the key on the protected rows "
+                   "and search each batch again along that training; each round adds a key training and a search per batch")
     p.add_argument("--batch-size", type=int, help="rows perturbed together (memory grows with it)")
     p.add_argument("--fit-sample", type=int, help="build the shared state on the first N rows of the fit split (default: all)")
     p.add_argument("--micro-batches", type=int, help="split of each state-building step (default 4): the most processes "

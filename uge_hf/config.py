@@ -120,6 +120,13 @@ class ProtectConfig:
     # Defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, libjpeg, grayscale, blur) whose views of x_u
     # the misalignment is averaged over, with x_u itself (expectation over transformations).
     eot: tuple[str, ...] = ()
+    # Rounds of retraining: the key is trained on the fit rows as protected so far, and every
+    # batch's δ is searched again from where it was, at half the step, with gradient matching
+    # along that trajectory instead of the clean one: δ is corrected where the authorized
+    # training actually goes, not only where clean training would (transform.retrained_state).
+    # Each round adds one pass over the fit rows and one key training to the build, and one
+    # search to every batch. 0: off.
+    retrain_rounds: int = 0
     # Shared state (fitting.py).
     trajectory_epochs: int = 15
     surrogates: tuple[str, ...] = DEFAULT_SURROGATES
@@ -153,6 +160,7 @@ class ProtectConfig:
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
                               ("micro_batches", 1), ("bind_checkpoints", 0), ("low_frequency_factor", 2),
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
+                              ("retrain_rounds", 0),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_am", "lambda_fd", "lambda_kc", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
@@ -174,6 +182,9 @@ class ProtectConfig:
         if self.luminance and (self.class_share or (self.mode == "generator" and not self.refine_steps)):
             raise ValueError("luminance shapes the per-sample search's δ; the class codes and the generator are per channel: "
                              "use luminance with mode='per-sample' (or refine_steps > 0) and class_share=0")
+        if self.retrain_rounds and self.low_frequency:
+            raise ValueError("a retraining round restarts the search from δ's per-pixel part, which drops a low-frequency part: "
+                             "use retrain_rounds=0 or low_frequency=0")
         if self.class_share and self.mode == "generator":
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")

@@ -139,6 +139,11 @@ def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels
     return weights
 
 
+def trajectory_recipe(config: ProtectConfig) -> TrainConfig:
+    """How the build trains each key (its trajectory) and, with its own epochs, the surrogates."""
+    return replace(RECIPES[config.recipe], epochs=config.trajectory_epochs, micro_batches=config.micro_batches)
+
+
 def check_feature_space(config: ProtectConfig, feature_backbone: Optional[nn.Module]) -> None:
     if config.lambda_fd and not config.surrogates and feature_backbone is None:
         raise ValueError("the common feature space is empty, so nothing would be protected: name surrogates in ProtectConfig "
@@ -168,7 +173,7 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
     verbose = verbose and ranks.is_main
     cache = private_dir(cache_dir) if cache_dir is not None else None  # holds θ0's trajectory: owner-only
     device = default_device()
-    recipe = replace(RECIPES[config.recipe], epochs=config.trajectory_epochs, micro_batches=config.micro_batches)
+    recipe = trajectory_recipe(config)
     timings, clock = {}, time.perf_counter()
 
     def lap(phase: str) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,12 +53,11 @@ class Objective:
 
     def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
         self.config, self.num_classes = state.config, state.num_classes
-        device = device or default_device()
+        self.device = device = device or default_device()
         on_device = lambda w: {k: v.to(device) for k, v in w.items()}
         self.key_nets = [frozen(create_model(a, state.num_classes, state.in_channels).to(device).train()) for a in state.architectures]
         self.names = [matched_parameters(net) for net in self.key_nets]
-        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
-        self.trajectories = [[on_device(w) for w in t[:-1]] or [on_device(t[0])] for t in state.trajectories]
+        self.trajectories = [self._matched(t) for t in state.trajectories]
         self.finals = [on_device(t[-1]) for t in state.trajectories]
         self.others = [[on_device(w) for w in traj[:-1][:self.config.bind_checkpoints or None]] for traj in state.other_trajectories]
         self.heads: list[nn.Module] = []
@@ -75,6 +76,18 @@ class Objective:
         # Terms other than gradient matching: without any, every step must match.
         self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud or self.config.lambda_kc
                                     or self.config.lambda_am)
+
+    def _matched(self, trajectory: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
+        return [{k: v.to(self.device) for k, v in w.items()} for w in trajectory[:-1] or trajectory[:1]]
+
+    def along(self, trajectories: list[list[dict[str, torch.Tensor]]]) -> "Objective":
+        """This objective with each key's gradient and activation matching along ``trajectories``
+        (one per key, θ0 first) instead of its clean trajectory: a retraining round's
+        (``config.retrain_rounds``). Shares the networks and heads."""
+        other = copy.copy(self)
+        other.trajectories = [self._matched(t) for t in trajectories]
+        return other
 
     @property
     def num_keys(self) -> int:
@@ -139,16 +152,18 @@ def decayed_step(first: float, k: int, steps: int) -> float:
     return first * (1 - 0.9 * k / max(1, steps - 1))
 
 
-def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
-                           steps: int, start: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, steps: int,
+                           start: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+                           step_size: Optional[float] = None) -> torch.Tensor:
     """Projected signed-gradient descent on δ, ``‖δ‖∞ ≤ ε`` and ``x + δ`` in ``[0, 1]``.
 
     ``x``: float ``(N, C, H, W)`` images on the 0-1 scale; returns ``x + δ`` alike. The step
-    decays linearly from ``step_size`` (default ε/2) to a tenth of it: big steps find the
-    misaligned direction, small ones settle the gradient match. Several keys take turns on
-    the matching steps (or all match on each, with ``config.match_every_key``). ``start``
-    (a generator's output) seeds δ (its per-pixel part). With ``config.momentum = μ > 0`` the
-    steps follow the sign of a running sum of normalized gradients (MI-FGSM, Dong et al. 2018).
+    decays linearly from ``step_size`` (default ``config.step_size``, else ε/2) to a tenth of
+    it: big steps find the misaligned direction, small ones settle the gradient match. Several
+    keys take turns on the matching steps (or all match on each, with
+    ``config.match_every_key``). ``start`` (a generator's output, or an earlier search's) seeds
+    δ (its per-pixel part). With ``config.momentum = μ > 0`` the steps follow the sign of a
+    running sum of normalized gradients (MI-FGSM, Dong et al. 2018).
 
     With ``config.low_frequency = s > 0``, δ = up(δ_low) + δ_high: δ_low lives on a grid
     ``config.low_frequency_factor`` times coarser than the image, upsampled bilinearly, within
@@ -194,7 +209,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
         low = F.interpolate(deltas[1], size=(height, width), mode="bilinear", align_corners=False)
         return base + (deltas[0] + low).clamp(box_lo, box_hi)
 
-    first = cfg.step_size or eps / 2
+    first = step_size or cfg.step_size or eps / 2
     # Keys take turns from a key drawn per batch, so that over the batches each key matches as
     # often as the others and has the last matching step as often (a fixed start would give the
     # first key both). One key draws nothing, which keeps its bytes.

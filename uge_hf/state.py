@@ -75,6 +75,8 @@ class SharedState:
     backbone_fingerprint: Optional[str] = None
     generator: Optional[dict[str, torch.Tensor]] = None
     class_codes: Optional[dict[str, torch.Tensor]] = None  # a Generator(per_image=False), with config.class_share
+    # per round of config.retrain_rounds, per key: θ0 … θT of its training on the rows protected one round earlier
+    retrained: list[list[list[dict[str, torch.Tensor]]]] = field(default_factory=list)
     image_size: tuple[int, int] = (32, 32)
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per phase; not part of the state
 
@@ -88,6 +90,10 @@ class SharedState:
         for s, traj in enumerate(self.other_trajectories):
             for t, w in enumerate(traj):
                 out.update({f"other.{s}.{t}.{k}": v for k, v in w.items()})
+        for r, trajectories in enumerate(self.retrained):
+            for i, trajectory in enumerate(trajectories):
+                for t, w in enumerate(trajectory):
+                    out.update({f"retrained.{r}.{i}.{t}.{k}": v for k, v in w.items()})
         if self.centroids is not None:
             out["centroids"] = self.centroids
         if self.generator is not None:
@@ -103,7 +109,9 @@ class SharedState:
                 "other_trajectories": [len(t) for t in self.other_trajectories],
                 "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
                 "has_generator": self.generator is not None, "has_class_codes": self.class_codes is not None,
-                "uge_hf_version": __version__}
+                "uge_hf_version": __version__,
+                # only when there are any, so that a state without retraining keeps its fingerprint
+                **({"retrained_lengths": [[len(t) for t in ts] for ts in self.retrained]} if self.retrained else {})}
 
     @property
     def fingerprint(self) -> str:
@@ -154,6 +162,8 @@ class SharedState:
             trajectories=[[group(f"trajectory.{i}.{t}.") for t in range(n)] for i, n in enumerate(meta["trajectory_lengths"])],
             surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
             other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],
+            retrained=[[[group(f"retrained.{r}.{i}.{t}.") for t in range(n)] for i, n in enumerate(lengths)]
+                       for r, lengths in enumerate(meta.get("retrained_lengths", []))],
             centroids=tensors.get("centroids"), backbone_fingerprint=meta["backbone_fingerprint"],
             generator=group("generator.") if meta["has_generator"] else None,
             class_codes=group("class_codes.") if meta.get("has_class_codes") else None, image_size=tuple(meta["image_size"]),
