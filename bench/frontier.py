@@ -5,7 +5,8 @@ benchmarks' JSON (no training here).
 Two panels, each a single protocol so that its points compare:
 - the efficacy protocol (5,000 rows, 15 epochs, one H200 run of parallel ablations:
   ``results/ablation_h200.json``, ``results/ablation_gm_h200.json``), hackers vgg-small,
-  densenet-small and mixer-small, the three every variant there was trained on;
+  densenet-small and mixer-small, the three every variant there was trained on; beside them,
+  marked apart, the CPU runs of that protocol on the same three hackers (``CPU_EFFICACY``);
 - the 2,000-row robustness screens (``results/robustness_screen_*.json``), hackers vgg-small,
   densenet-small and vit-tiny, last epoch; the worst of those after JPEG-10 where it was run.
 
@@ -26,14 +27,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 ABLATION_HACKERS = ("vgg-small", "densenet-small", "mixer-small")
 SCREEN_HACKERS = ("vgg-small", "densenet-small", "vit-tiny")
+# CPU runs of the efficacy protocol: (file, the one-key variants read from it).
+CPU_EFFICACY = (("efficacy_cpu_two_keys_n5000.json", ("default",)), ("efficacy_cpu_retrain1_n5000.json", ("retrain1",)))
 GOAL_KEY, GOAL_MEAN = 0.95, 0.40  # issue 9: the key keeps >= 0.95, the mean hacker <= 0.40
 
 
-def ablation_points(path: Path) -> list[dict]:
+def ablation_points(path: Path, only: tuple[str, ...] | None = None) -> list[dict]:
+    """One point per variant of an efficacy run (``only`` those named) trained on every ablation hacker."""
     points = []
     for variant in json.loads(path.read_text())["variants"]:
         hackers = variant["summary"]["hacker_ratios"]
-        if all(h in hackers for h in ABLATION_HACKERS):
+        if all(h in hackers for h in ABLATION_HACKERS) and (only is None or variant["variant"] in only):
             points.append({"variant": variant["variant"], "source": path.name, "key": variant["summary"]["key_ratio"],
                            "mean_hacker": sum(hackers[h] for h in ABLATION_HACKERS) / len(ABLATION_HACKERS)})
     return points
@@ -60,20 +64,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "frontier")
     args = parser.parse_args()
     ablations = ablation_points(RESULTS / "ablation_h200.json") + ablation_points(RESULTS / "ablation_gm_h200.json")
+    cpu = [p for name, only in CPU_EFFICACY if (RESULTS / name).exists() for p in ablation_points(RESULTS / name, only)]
     screens = [p for p in map(screen_point, sorted(RESULTS.glob("robustness_screen_*.json"))) if p is not None]
 
-    for title, points in (("efficacy protocol, 5,000 rows (H200 ablations)", ablations), ("robustness screens, 2,000 rows", screens)):
+    for title, points in (("efficacy protocol, 5,000 rows (H200 ablations)", ablations), ("efficacy protocol, 5,000 rows, CPU runs", cpu),
+                          ("robustness screens, 2,000 rows", screens)):
         print(f"\n{title}\n| variant | key θ0 | mean hacker | worst hacker after JPEG-10 |\n| --- | --- | --- | --- |")
         for p in sorted(points, key=lambda p: p["key"]):
             worst = p.get("worst_jpeg10")
             print(f"| {p['variant']} | {p['key']:.2f} | {p['mean_hacker']:.2f} | {'–' if worst is None else f'{worst:.2f}'} |")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, points, title in ((axes[0], ablations, "5,000 rows, H200 ablations\nhackers: " + ", ".join(ABLATION_HACKERS)),
-                              (axes[1], screens, "2,000-row robustness screens\nhackers: " + ", ".join(SCREEN_HACKERS))):
+    for ax, points, extra, title in ((axes[0], ablations, cpu, "5,000 rows, H200 ablations (blue), CPU runs (orange)\nhackers: "
+                                      + ", ".join(ABLATION_HACKERS)),
+                                     (axes[1], screens, [], "2,000-row robustness screens\nhackers: " + ", ".join(SCREEN_HACKERS))):
         ax.fill_between([GOAL_KEY, 1.02], 0, GOAL_MEAN, color="tab:green", alpha=0.15, label="issue 9's goal")
         ax.scatter([p["key"] for p in points], [p["mean_hacker"] for p in points], color="tab:blue", zorder=3)
-        for p in points:
+        ax.scatter([p["key"] for p in extra], [p["mean_hacker"] for p in extra], color="tab:orange", zorder=3)
+        for p in points + extra:
             ax.annotate(p["variant"], (p["key"], p["mean_hacker"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_title(title, fontsize=10)
         ax.set( xlabel="key θ0: protected / clean accuracy", xlim=(0.5, 1.02), ylim=(0, 1.02))
@@ -83,7 +91,7 @@ def main() -> None:
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    args.out.with_suffix(".json").write_text(json.dumps({"ablations": ablations, "screens": screens}, indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps({"ablations": ablations, "cpu_efficacy": cpu, "screens": screens}, indent=1))
     print(f"\nwrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
 
 
