@@ -123,7 +123,7 @@ class ProtectConfig:
     # Rounds of retraining: the key is trained on the fit rows as protected so far, and every
     # batch's δ is searched again from where it was, at half the step, with gradient matching
     # along that trajectory instead of the clean one: δ is corrected where the authorized
-    # training actually goes, not only where clean training would (transform.retrained_state).
+    # training actually goes, not only where clean training would (UGETransform.fit).
     # Each round adds one pass over the fit rows and one key training to the build, and one
     # search to every batch. 0: off.
     retrain_rounds: int = 0

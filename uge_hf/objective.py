@@ -9,9 +9,8 @@ maximizing). The generator is fitted with the same objective (:mod:`uge_hf.fitti
 
 from __future__ import annotations
 
-from typing import Optional
-
 import copy
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -29,9 +29,9 @@ from .data import encode_png, find_columns, load_tensors, to_pixels, validate_la
 from .fitting import Checkpoints, Generator, build_generator, build_shared_state, resumable_training, trajectory_recipe
 from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
+from .parallel import Ranks
 from .state import TRANSFORM_CONFIG, SharedState
 from .training import to_float
-from .parallel import Ranks
 from .utils import atomic_write, default_device, private_dir, progress_bar, seeded_generator
 
 
