@@ -242,6 +242,11 @@ class ProtectConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def first_step(self) -> float:
+        """The search's first signed step (0-1 pixel scale): ``step_size``, else ε/2."""
+        return self.step_size or self.epsilon / 2
+
     @classmethod
     def from_dict(cls, data: dict) -> "ProtectConfig":
         names = {f.name for f in fields(cls)}

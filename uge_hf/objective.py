@@ -53,12 +53,11 @@ class Objective:
     def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
         self.config, self.num_classes = state.config, state.num_classes
         self.device = device = device or default_device()
-        on_device = lambda w: {k: v.to(device) for k, v in w.items()}
         self.key_nets = [frozen(create_model(a, state.num_classes, state.in_channels).to(device).train()) for a in state.architectures]
         self.names = [matched_parameters(net) for net in self.key_nets]
         self.trajectories = [self._matched(t) for t in state.trajectories]
-        self.finals = [on_device(t[-1]) for t in state.trajectories]
-        self.others = [[on_device(w) for w in traj[:-1][:self.config.bind_checkpoints or None]] for traj in state.other_trajectories]
+        self.finals = [self._on_device(t[-1]) for t in state.trajectories]
+        self.others = [[self._on_device(w) for w in traj[:-1][:self.config.bind_checkpoints or None]] for traj in state.other_trajectories]
         self.heads: list[nn.Module] = []
         for arch, weights in state.surrogates:
             head = create_model(arch, state.num_classes, state.in_channels)
@@ -76,9 +75,12 @@ class Objective:
         self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud or self.config.lambda_kc
                                     or self.config.lambda_am)
 
+    def _on_device(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in weights.items()}
+
     def _matched(self, trajectory: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
-        return [{k: v.to(self.device) for k, v in w.items()} for w in trajectory[:-1] or trajectory[:1]]
+        return [self._on_device(w) for w in trajectory[:-1] or trajectory[:1]]
 
     def along(self, trajectories: list[list[dict[str, torch.Tensor]]]) -> "Objective":
         """This objective with each key's gradient and activation matching along ``trajectories``
@@ -208,7 +210,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
         low = F.interpolate(deltas[1], size=(height, width), mode="bilinear", align_corners=False)
         return base + (deltas[0] + low).clamp(box_lo, box_hi)
 
-    first = step_size or cfg.step_size or eps / 2
+    first = step_size or cfg.first_step
     # Keys take turns from a key drawn per batch, so that over the batches each key matches as
     # often as the others and has the last matching step as often (a fixed start would give the
     # first key both). One key draws nothing, which keeps its bytes.

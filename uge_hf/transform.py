@@ -230,7 +230,7 @@ class UGETransform:
                                        for xc, yc in zip(x.split(GENERATOR_CHUNK), y.split(GENERATOR_CHUNK))])
                 x_u = signed_gradient_search(self._objective, x, y, gen, cfg.refine_steps, start) if cfg.refine_steps else start
             for objective in self._retrained:  # from where the last search ended, at half its step
-                x_u = signed_gradient_search(objective, x, y, gen, cfg.steps, x_u, offset, (cfg.step_size or cfg.epsilon / 2) / 2)
+                x_u = signed_gradient_search(objective, x, y, gen, cfg.steps, x_u, offset, cfg.first_step / 2)
             for i, protected in zip(idx, quantize(x_u, clean, cfg.epsilon_levels)):
                 out[i] = protected
         return out
