@@ -20,6 +20,11 @@ PROTECT = ["protect", str(CIFAR10), "--split", "train", "--limit", "200", "--pre
            "--shard-size", "50", "--quiet"]
 
 
+# A run's setting by name: the two modes, and a retraining round (whose pass over the fit rows the processes share out).
+MODES = {"per-sample": ["--mode", "per-sample"], "generator": ["--mode", "generator"],
+         "retrain": ["--mode", "per-sample", "--retrain-rounds", "1"]}
+
+
 def run_env():
     # Bytes are identical across process counts at equal threads per process (weight-gradient
     # reductions depend on the thread split), so every run here computes on one thread.
@@ -47,7 +52,7 @@ def reference(key_dir):
     def run(mode: str) -> dict:
         if mode not in digests:
             out = key_dir.parent / f"reference-{mode}"
-            subprocess.run([sys.executable, "-m", "uge_hf", *PROTECT, "--mode", mode, "--key", str(key_dir), "--out", str(out)],
+            subprocess.run([sys.executable, "-m", "uge_hf", *PROTECT, *MODES[mode], "--key", str(key_dir), "--out", str(out)],
                            env=run_env(), check=True)
             digests[mode] = folder_digest(out)
         return digests[mode]
@@ -55,11 +60,11 @@ def reference(key_dir):
     return run
 
 
-@pytest.mark.parametrize("mode", ["per-sample", "generator"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_two_accelerate_processes_give_the_same_bytes_as_one(key_dir, reference, mode):
     out = key_dir.parent / f"two-processes-{mode}"
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uge_hf", *PROTECT, "--mode", mode,
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "uge_hf", *PROTECT, *MODES[mode],
                     "--key", str(key_dir), "--out", str(out)], env=run_env(), check=True)
     assert folder_digest(out) == reference(mode)
     state = out.with_name(out.name + ".uge-state")
@@ -83,7 +88,7 @@ def test_killed_run_resumes_to_identical_bytes(key_dir, reference, phase):
     mode = "generator" if phase == "generator" else "per-sample"
     out = key_dir.parent / f"killed-{phase}"
     state = out.with_name(out.name + ".uge-state")
-    args = [sys.executable, "-m", "uge_hf", *PROTECT, "--mode", mode, "--key", str(key_dir), "--out", str(out)]
+    args = [sys.executable, "-m", "uge_hf", *PROTECT, *MODES[mode], "--key", str(key_dir), "--out", str(out)]
     proc = subprocess.Popen(args, env=run_env())
     if phase == "shards":  # after the first shard, before the last
         kill_when(proc, lambda: (state / "progress").exists() and len(list((state / "progress").iterdir())) >= 1)

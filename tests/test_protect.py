@@ -1,6 +1,7 @@
 import io
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -433,7 +434,7 @@ def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_
     rows = small_train.select(range(64))
     images, labels = load_tensors(rows, "img", "label", 3, verbose=False)
     config = ProtectConfig.preset("fast", batch_size=32, retrain_rounds=1)
-    protect_rows = lambda t: torch.stack([p for b in (0, 32) for p in t.perturb(list(images[b:b + 32]), labels[b:b + 32])])
+    protect_rows = lambda t: torch.stack(t.perturb_rows(images, labels))
 
     retrained = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)
     first = UGETransform.fit(rows, key, ProtectConfig.preset("fast", batch_size=32), verbose=False)
@@ -455,7 +456,39 @@ def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_
     assert loaded.fingerprint == retrained.fingerprint and torch.equal(protect_rows(loaded), out)
     resumed = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)  # from the cache, no retraining
     assert resumed.fingerprint == retrained.fingerprint
-    assert first.state.metadata().keys() == {k for k in retrained.state.metadata() if k != "retrained_lengths"}
+    assert first.state.metadata()["retrained_lengths"] == [] and retrained.state.metadata()["retrained_lengths"] == [[len(trajectory)]]
 
     with pytest.raises(ValueError, match="retrain_rounds=0 or low_frequency=0"):
         ProtectConfig(retrain_rounds=1, low_frequency=0.5)
+    with pytest.raises(ValueError, match="pass refine_steps > 0, or retrain_rounds=0"):
+        ProtectConfig(mode="generator", retrain_rounds=1)
+    with pytest.raises(FileExistsError, match="holds the progress of a build on other rows, keys or config"):
+        UGETransform.fit(rows, key, replace(config, steps=3), cache_dir=tmp_path / "cache", verbose=False)  # stale trainings refused
+
+
+def test_retraining_round_trains_on_the_fit_rows_as_the_shards_publish_them(cifar, key, tmp_path):
+    """Images of two sizes, and a fit sample that ends inside a batch: the round's training
+    sees each fit row as the published shards hold it (its whole batch protected, at its own
+    size), resized to the build's size."""
+    from uge_hf.fitting import resumable_training, trajectory_recipe
+
+    base = cifar["train"].select(range(12))
+    images = [img.resize((40, 28)) if i % 3 == 1 else img for i, img in enumerate(base["img"])]
+    ds = Dataset.from_dict({"img": images, "label": base["label"]}, features=base.features)
+    images = ds["img"]  # as stored (the JPEG rows are encoded again)
+    config = ProtectConfig.preset("fast", batch_size=6, fit_sample=9, trajectory_epochs=2, surrogate_epochs=1)
+    retrained = UGETransform.fit(ds, key, replace(config, retrain_rounds=1), verbose=False)
+    first = UGETransform.fit(ds, key, config, verbose=False)
+
+    with pytest.warns(UserWarning, match="2 sizes"):
+        published = protect(ds, key, config, output_dir=tmp_path / "out", verbose=False)["train"]["img"]
+    rows = first.perturb_rows([first.pixels(img) for img in images], torch.tensor(base["label"]))
+    assert [p.shape[1:] for p in rows] == [(img.size[1], img.size[0]) for img in images]  # each at its own size
+    assert all(torch.equal(p, first.pixels(img)) for p, img in zip(rows, published))  # the shards' bytes
+
+    seen = torch.stack([first.pixels(PIL.Image.fromarray(p.permute(1, 2, 0).numpy()).resize((32, 32), PIL.Image.BICUBIC))
+                        if p.shape[1:] != (32, 32) else p for p in rows[:9]])
+    expected = resumable_training("check", key.build(), seen, torch.tensor(base["label"][:9]), trajectory_recipe(config), config.seed,
+                                  None, True, False)
+    [[trajectory]] = retrained.state.retrained
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(trajectory, expected) for k in a)

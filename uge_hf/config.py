@@ -124,8 +124,8 @@ class ProtectConfig:
     # batch's δ is searched again from where it was, at half the step, with gradient matching
     # along that trajectory instead of the clean one: δ is corrected where the authorized
     # training actually goes, not only where clean training would (UGETransform.fit).
-    # Each round adds one pass over the fit rows and one key training to the build, and one
-    # search to every batch. 0: off.
+    # Each round adds one pass over the fit rows and one training per key to the build, and one
+    # search (of search_steps) to every batch. 0: off.
     retrain_rounds: int = 0
     # Shared state (fitting.py).
     trajectory_epochs: int = 15
@@ -182,6 +182,9 @@ class ProtectConfig:
         if self.luminance and (self.class_share or (self.mode == "generator" and not self.refine_steps)):
             raise ValueError("luminance shapes the per-sample search's δ; the class codes and the generator are per channel: "
                              "use luminance with mode='per-sample' (or refine_steps > 0) and class_share=0")
+        if self.retrain_rounds and not self.search_steps:
+            raise ValueError("a retraining round searches δ again for as many steps as the first search, and generator mode "
+                             "without refinement searches none: pass refine_steps > 0, or retrain_rounds=0")
         if self.retrain_rounds and self.low_frequency:
             raise ValueError("a retraining round restarts the search from δ's per-pixel part, which drops a low-frequency part: "
                              "use retrain_rounds=0 or low_frequency=0")
@@ -192,7 +195,7 @@ class ProtectConfig:
             put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon, "surrogate_epsilon"))
         if self.step_size is not None:
             put("step_size", _real("step_size", self.step_size, 1e-9))
-            search_steps = self.steps if self.mode == "per-sample" else self.refine_steps
+            search_steps = self.search_steps
             # Even undecayed, the signed steps move a pixel at most step_size · steps; under half
             # an 8-bit level the PNG output rounds every pixel back to its clean value.
             if search_steps and self.step_size * search_steps * 255 < 0.5:
@@ -241,6 +244,12 @@ class ProtectConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def search_steps(self) -> int:
+        """Signed steps of each per-sample search of a batch: ``steps``, or in generator mode
+        ``refine_steps`` (0: the generator's output is final)."""
+        return self.steps if self.mode == "per-sample" else self.refine_steps
 
     @property
     def first_step(self) -> float:

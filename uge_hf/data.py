@@ -89,6 +89,11 @@ def label_array(dataset: Dataset, label_column: str) -> np.ndarray:
     return np.asarray(dataset.select_columns([label_column]).with_format("numpy")[label_column])
 
 
+def label_tensor(dataset: Dataset, label_column: str, rows: Sequence[int]) -> torch.Tensor:
+    """``int64`` labels ``(N,)`` of ``rows``."""
+    return torch.as_tensor(label_array(dataset, label_column)[np.asarray(rows)], dtype=torch.int64)
+
+
 def validate_labels(dataset: Dataset, label_column: str, num_classes: int) -> None:
     """Refuse an empty dataset, labels the key cannot represent, missing labels, and a
     dataset of one class (nothing to learn, so nothing to protect).
@@ -162,12 +167,16 @@ def to_pixels(image: Any, channels: int, size: Optional[tuple[int, int]] = None)
     return array.reshape(*array.shape[:2], -1).transpose(2, 0, 1)
 
 
+def pil_image(pixels: np.ndarray) -> PIL.Image.Image:
+    """``uint8`` ``(C, H, W)`` pixels (C = 1 or 3) as an L or RGB image."""
+    hwc = pixels.transpose(1, 2, 0)
+    return PIL.Image.fromarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc)
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless, deterministic PNG bytes of ``uint8`` ``(C, H, W)`` pixels, with no metadata."""
-    hwc = pixels.transpose(1, 2, 0)
-    image = PIL.Image.fromarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
+    pil_image(pixels).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 
 
@@ -231,8 +240,7 @@ def load_tensors(dataset: Dataset, image_column: str, label_column: str, channel
     images = decode_rows(dataset, image_column, rows)
     size = size or images[0].size
     pixels = np.stack([to_pixels(img, channels, size) for img in progress_bar(images, desc="decode", verbose=verbose, leave=False)])
-    labels = torch.as_tensor(label_array(dataset, label_column)[np.asarray(rows)], dtype=torch.int64)
-    return torch.from_numpy(pixels), labels
+    return torch.from_numpy(pixels), label_tensor(dataset, label_column, rows)
 
 
 # -- the validation pass ------------------------------------------------------------------

@@ -8,6 +8,7 @@ so an interrupted build finishes with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from . import __version__
 from .attacks import BatchTransform, pgd_training
 from .config import ProtectConfig
 from .key import AuthorizedModel, authorized_keys
@@ -89,8 +91,11 @@ class Checkpoints:
         self.resume = cache_dir / f"{name}.resume.pt" if cache_dir is not None else None
         self.writer = ranks.is_main
 
+    def is_finished(self) -> bool:
+        return self.done is not None and self.done.exists()
+
     def finished(self) -> Optional[dict[str, torch.Tensor]]:
-        return load_safetensors_bytes(self.done.read_bytes()) if self.done is not None and self.done.exists() else None
+        return load_safetensors_bytes(self.done.read_bytes()) if self.is_finished() else None
 
     def last_epoch(self) -> Optional[dict]:
         return torch.load(self.resume, weights_only=True) if self.resume is not None and self.resume.exists() else None
@@ -105,6 +110,28 @@ class Checkpoints:
         if self.done is not None and self.writer:
             atomic_write(self.done, save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}), private=True)
             self.resume.unlink(missing_ok=True)
+
+
+def claim_cache(cache_dir: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, keys: Sequence[AuthorizedModel],
+                config: ProtectConfig, backbone_fingerprint: Optional[str], ranks: Ranks) -> Path:
+    """``cache_dir`` as this build's cache (owner-only: it holds θ0's trajectory), marked with
+    what the build depends on: a cached training is valid only for the rows, keys, config
+    and version that made it, and its name says none of that.
+
+    Raises:
+        FileExistsError: ``cache_dir`` holds the progress of another build.
+    """
+    cache = private_dir(cache_dir)
+    parts = [tensors_fingerprint({"images": images, "labels": labels}), *(k.fingerprint for k in keys), config.to_json(),
+             str(backbone_fingerprint), __version__]
+    identity = hashlib.sha256("/".join(parts).encode()).hexdigest()
+    marker = cache / "build-identity"
+    if marker.exists() and marker.read_text() != identity:
+        raise FileExistsError(f"cache_dir {cache} holds the progress of a build on other rows, keys or config (or another uge-hf "
+                              "version); pass an empty cache_dir, or remove that one, to build afresh")
+    if not marker.exists() and ranks.is_main:
+        atomic_write(marker, identity.encode(), private=True)
+    return cache
 
 
 def resumable_training(name: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
@@ -158,7 +185,7 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
     Trains each authorized key from its θ0 (its trajectory), each surrogate, and each of
     ``config.other_seeds`` (of the first key's architecture); with a ``feature_backbone``, computes its class centroids; in
     generator mode, fits the generator; with ``config.class_share``, the class codes.
-    ``cache_dir`` makes the build resumable.
+    ``cache_dir`` makes the build resumable (:func:`claim_cache` refuses another build's).
 
     Under a ``torch.distributed`` group (``accelerate launch``) every process must call this
     with the same arguments: each optimization step is shared among them
@@ -171,7 +198,8 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         raise ValueError("lambda_bind (negative matching on other seeds of one key's architecture) takes a single key")
     ranks = Ranks.current()
     verbose = verbose and ranks.is_main
-    cache = private_dir(cache_dir) if cache_dir is not None else None  # holds θ0's trajectory: owner-only
+    backbone_fp = tensors_fingerprint(feature_backbone.state_dict()) if feature_backbone is not None else None
+    cache = claim_cache(cache_dir, images, labels, keys, config, backbone_fp, ranks) if cache_dir is not None else None
     device = default_device()
     recipe = trajectory_recipe(config)
     timings, clock = {}, time.perf_counter()
@@ -195,10 +223,7 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, replace(recipe, epochs=config.surrogate_epochs),
                                      config.seed + 1 + i, cache, False, verbose, ranks, batch_transform=robust)
         surrogates.append((arch, weights[-1]))
-    centroids = backbone_fp = None
-    if feature_backbone is not None:
-        centroids = class_centroids(feature_backbone, images, labels, key.num_classes, device)
-        backbone_fp = tensors_fingerprint(feature_backbone.state_dict())
+    centroids = class_centroids(feature_backbone, images, labels, key.num_classes, device) if feature_backbone is not None else None
     lap("feature_space")
     # L_bind matches θ0 … θ_{k-1} of each other seed (objective.py): k epochs of training give them.
     others = [resumable_training(f"other-seed-{s}", key.sibling(s).build(), images, labels, recipe, config.seed, cache, True, verbose, ranks,

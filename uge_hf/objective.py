@@ -55,8 +55,7 @@ class Objective:
         self.device = device = device or default_device()
         self.key_nets = [frozen(create_model(a, state.num_classes, state.in_channels).to(device).train()) for a in state.architectures]
         self.names = [matched_parameters(net) for net in self.key_nets]
-        self.trajectories = [self._matched(t) for t in state.trajectories]
-        self.finals = [self._on_device(t[-1]) for t in state.trajectories]
+        self._follow(state.trajectories)
         self.others = [[self._on_device(w) for w in traj[:-1][:self.config.bind_checkpoints or None]] for traj in state.other_trajectories]
         self.heads: list[nn.Module] = []
         for arch, weights in state.surrogates:
@@ -78,16 +77,19 @@ class Objective:
     def _on_device(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in weights.items()}
 
-    def _matched(self, trajectory: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1}.
-        return [self._on_device(w) for w in trajectory[:-1] or trajectory[:1]]
+    def _follow(self, trajectories: list[list[dict[str, torch.Tensor]]]) -> None:
+        # θ_T is where training ends, not a state it passes through: match at θ0 … θ_{T-1};
+        # the key-consistency and undistillation terms take θ_T.
+        self.trajectories = [[self._on_device(w) for w in t[:-1] or t[:1]] for t in trajectories]
+        self.finals = [self._on_device(t[-1]) for t in trajectories]
 
     def along(self, trajectories: list[list[dict[str, torch.Tensor]]]) -> "Objective":
-        """This objective with each key's gradient and activation matching along ``trajectories``
-        (one per key, θ0 first) instead of its clean trajectory: a retraining round's
-        (``config.retrain_rounds``). Shares the networks and heads."""
+        """This objective along ``trajectories`` (one per key, θ0 first) instead of the clean
+        ones: a retraining round's (``config.retrain_rounds``). Gradient and activation
+        matching take their checkpoints, the key-consistency and undistillation terms their
+        θ_T. Shares the networks and heads."""
         other = copy.copy(self)
-        other.trajectories = [self._matched(t) for t in trajectories]
+        other._follow(trajectories)
         return other
 
     @property

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Ranks:
@@ -97,3 +98,15 @@ def gather_rows(local: torch.Tensor, micro_batches: int, ranks: Ranks) -> torch.
     parts = [torch.empty_like(padded) for _ in range(ranks.count)]
     dist.all_gather(parts, padded)
     return torch.stack([parts[k % ranks.count][k // ranks.count] for k in range(micro_batches)])
+
+
+def share_out(count: int, work: Callable[[int], T], ranks: Ranks) -> list[T]:
+    """``[work(k) for k in range(count)]`` on every process: each computes the ``k`` it owns
+    (``k % count == index``) and the results (pickled) are gathered in ``k`` order. For jobs
+    whose result does not depend on the process, such as protecting a batch."""
+    mine = [work(k) for k in range(ranks.index, count, ranks.count)]
+    if ranks.count == 1:
+        return mine
+    parts: list = [None] * ranks.count
+    dist.all_gather_object(parts, mine)
+    return [parts[k % ranks.count][k // ranks.count] for k in range(count)]

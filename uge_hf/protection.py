@@ -254,7 +254,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                     warn_mixed_sizes(survey, name, config.resize)
                 check_memory(surveys[fit_split], batch_size=config.batch_size, channels=key.in_channels,
                              fit_rows=min(len(data[fit_split]), config.fit_sample or len(data[fit_split])),
-                             per_sample=config.mode == "per-sample" or config.refine_steps > 0, resize=config.resize,
+                             per_sample=config.search_steps > 0, resize=config.resize,
                              device=default_device())
                 for name in copied:  # copied splits are re-encoded at the end: they must decode too
                     survey_images(data[name], columns[0], resize=(1, 1), verbose=verbose)

@@ -109,9 +109,7 @@ class SharedState:
                 "other_trajectories": [len(t) for t in self.other_trajectories],
                 "backbone_fingerprint": self.backbone_fingerprint, "image_size": list(self.image_size),
                 "has_generator": self.generator is not None, "has_class_codes": self.class_codes is not None,
-                "uge_hf_version": __version__,
-                # only when there are any, so that a state without retraining keeps its fingerprint
-                **({"retrained_lengths": [[len(t) for t in ts] for ts in self.retrained]} if self.retrained else {})}
+                "uge_hf_version": __version__, "retrained_lengths": [[len(t) for t in ts] for ts in self.retrained]}
 
     @property
     def fingerprint(self) -> str:

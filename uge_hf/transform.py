@@ -25,11 +25,11 @@ import torch.nn as nn
 
 from . import __version__
 from .config import ProtectConfig
-from .data import encode_png, find_columns, load_tensors, to_pixels, validate_labels
+from .data import decode_rows, encode_png, find_columns, label_tensor, load_tensors, pil_image, to_pixels, validate_labels
 from .fitting import Checkpoints, Generator, build_generator, build_shared_state, resumable_training, trajectory_recipe
 from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
-from .parallel import Ranks
+from .parallel import Ranks, share_out
 from .state import TRANSFORM_CONFIG, SharedState
 from .training import to_float
 from .utils import atomic_write, default_device, private_dir, progress_bar, seeded_generator
@@ -99,7 +99,13 @@ class UGETransform:
         protect those rows and train each key on them, once per round.
 
         Under ``accelerate launch`` every process calls it alike and shares the work; each gets
-        the same state, byte for byte (see :mod:`uge_hf.parallel`)."""
+        the same state, byte for byte (see :mod:`uge_hf.parallel`). ``cache_dir`` keeps every
+        training's progress (owner-only: it holds θ0), so that a rerun resumes.
+
+        Raises:
+            FileExistsError: ``cache_dir`` holds the progress of a build on other rows, keys
+                or config.
+        """
         config = config or ProtectConfig()
         keys = authorized_keys(key)
         image_column, label_column = find_columns(dataset, image_column, label_column)
@@ -109,33 +115,40 @@ class UGETransform:
                                       verbose=verbose)
         state = build_shared_state(images, labels, keys, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
         transform = cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
-        transform._retrain(images, labels, keys, cache_dir, verbose)
+        transform._retrain(dataset, labels, (images.shape[-1], images.shape[-2]), keys, cache_dir, verbose)
         return transform
 
-    def _retrain(self, images: torch.Tensor, labels: torch.Tensor, keys: list[AuthorizedModel],
+    def _retrain(self, dataset, labels: torch.Tensor, size: tuple[int, int], keys: list[AuthorizedModel],
                  cache_dir: Optional[str | os.PathLike], verbose: bool) -> None:
-        """Add ``config.retrain_rounds`` rounds to the state: each protects the fit rows
-        (``uint8`` ``(N, C, H, W)``) exactly as the shards will be, the rounds before it
-        included (the same batches, seeded by content), and trains every key from its θ0 on
-        them with the trajectory's recipe, keeping every epoch (resumable in ``cache_dir``).
+        """Add ``config.retrain_rounds`` rounds to the state: each protects the fit rows (the
+        first ``len(labels)`` of ``dataset``) exactly as the shards will, the rounds before it
+        included, and trains every key from its θ0 on them, resized to the build's training
+        ``size`` (width, height), with the trajectory's recipe, keeping every epoch (resumable
+        in ``cache_dir``).
 
         Matching along the clean trajectory pins the key's gradients where clean training
         goes; training on the protected rows drifts from there (the more, the longer the
         training: at 20,000 rows the key kept 0.46 of its clean accuracy), and the search
-        never saw where it goes. A round matches there. Every process of a distributed run
-        protects all the fit rows (same bytes); the trainings are shared out as in the build.
+        never saw where it goes. A round matches there. The processes of a distributed run share
+        out the fit rows' batches and the trainings, as in the build and the shards.
         """
         start = time.perf_counter()
         ranks = Ranks.current()
         cache = private_dir(cache_dir) if cache_dir is not None else None
-        recipe, batch = trajectory_recipe(self.config), self.batch_size
+        recipe, batch, fit_rows = trajectory_recipe(self.config), self.batch_size, len(labels)
+        clean: Optional[tuple[list[torch.Tensor], torch.Tensor]] = None  # decoded once, when a round must protect
         for r in range(self.config.retrain_rounds):
             names = [f"retrained-{r}-{i}" for i in range(len(keys))]
-            protected = images  # unread when every training of the round is in the cache
-            if any(Checkpoints(cache, name, ranks).finished() is None for name in names):
-                rows = progress_bar(range(0, len(labels), batch), desc=f"retraining round {r + 1}: protect fit rows",
-                                    verbose=verbose and ranks.is_main)
-                protected = torch.stack([p for b in rows for p in self.perturb(list(images[b:b + batch]), labels[b:b + batch])])
+            protected = None  # unread when every training of the round is in the cache
+            if not all(Checkpoints(cache, name, ranks).is_finished() for name in names):
+                if clean is None:  # the shards' batches: whole ones from row 0, each image as a shard decodes it
+                    rows = range(min(len(dataset), -(-fit_rows // batch) * batch))
+                    clean = [self.pixels(img) for img in decode_rows(dataset, self.image_column, rows)], \
+                        label_tensor(dataset, self.label_column, rows)
+                out = self.perturb_rows(*clean, desc=f"retraining round {r + 1}: protect fit rows", verbose=verbose and ranks.is_main,
+                                        ranks=ranks)
+                protected = torch.stack([torch.from_numpy(to_pixels(pil_image(p.numpy()), self.state.in_channels, size))
+                                         for p in out[:fit_rows]])
             self.state.retrained.append([resumable_training(name, key.build(), protected, labels, recipe, self.config.seed, cache, True,
                                                             verbose and ranks.is_main, ranks) for name, key in zip(names, keys)])
             self._objective = None  # bind the new round's trajectories
@@ -228,12 +241,30 @@ class UGETransform:
                 with torch.no_grad():  # in chunks: a chunk's activations stay in cache (2x faster on a CPU core)
                     start = torch.cat([self._generator(xc, yc, cfg.epsilon)
                                        for xc, yc in zip(x.split(GENERATOR_CHUNK), y.split(GENERATOR_CHUNK))])
-                x_u = signed_gradient_search(self._objective, x, y, gen, cfg.refine_steps, start) if cfg.refine_steps else start
+                x_u = signed_gradient_search(self._objective, x, y, gen, cfg.search_steps, start) if cfg.search_steps else start
             for objective in self._retrained:  # from where the last search ended, at half its step
-                x_u = signed_gradient_search(objective, x, y, gen, cfg.steps, x_u, offset, cfg.first_step / 2)
+                x_u = signed_gradient_search(objective, x, y, gen, cfg.search_steps, x_u, offset, cfg.first_step / 2)
             for i, protected in zip(idx, quantize(x_u, clean, cfg.epsilon_levels)):
                 out[i] = protected
         return out
+
+    def perturb_rows(self, images: Sequence[torch.Tensor], labels: torch.Tensor, *, desc: str = "protect", verbose: bool = False,
+                     ranks: Ranks = Ranks()) -> list[torch.Tensor]:
+        """Protect rows in batches of :attr:`batch_size` from the first, as a shard does (shards
+        start on a batch boundary): ``uint8`` ``(C, H, W)`` images and ``int64`` labels ``(N,)``
+        in, ``uint8`` protected images out, the same bytes as in the published shards. With
+        ``ranks``, every process of the group protects its share of the batches and gets all."""
+        size, count = self.batch_size, -(-len(labels) // self.batch_size)
+        bar = progress_bar(total=len(range(ranks.index, count, ranks.count)), desc=desc, verbose=verbose)
+
+        def batch(k: int) -> list[torch.Tensor]:
+            out = self.perturb(list(images[k * size:(k + 1) * size]), labels[k * size:(k + 1) * size])
+            bar.update()
+            return out
+
+        batches = share_out(count, batch, ranks)
+        bar.close()
+        return [p for b in batches for p in b]
 
     def __call__(self, batch: dict[str, list], *args) -> dict[str, list]:
         """``Dataset.map(transform, batched=True)``; also accepts ``with_indices=True`` and
