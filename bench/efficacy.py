@@ -78,8 +78,9 @@ VARIANTS = {
     # Per-image activation matching (losses.activation_matching_loss), beside and in place of L_gm.
     "am10": {"lambda_am": 10.0},
     "gm0-am10": {"lambda_gm": 0.0, "lambda_am": 10.0},
-    # One retraining round: the key retrained on the protected rows, δ searched again along it.
+    # Retraining rounds: the key retrained on the protected rows, δ searched again along it.
     "retrain1": {"retrain_rounds": 1},
+    "retrain2": {"retrain_rounds": 2},
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],

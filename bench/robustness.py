@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench", help="protected rows, kept for a rerun")
     parser.add_argument("--fresh", action="store_true", help="ignore the results of an earlier run, its protected "
                         "rows included, instead of resuming it")
+    parser.add_argument("--clean-json", type=Path, help="reuse the clean-row trainings of an earlier run of the same protocol "
+                        "(another setting's: they do not depend on the protection, and the trainings are seeded)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true")
@@ -196,10 +198,12 @@ def main() -> None:
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                 "pgd_steps": args.pgd_steps, "key": "convnet seed 0", "epsilon": config.epsilon, "config": config.to_dict()}
 
-    def same_setting(earlier: dict) -> bool:  # the hackers choose which trainings run, not how: a run resumes with more
+    def same_protocol(earlier: dict) -> bool:  # the hackers choose which trainings run, not how: a run resumes with more
         rest = lambda p: {k: v for k, v in p.items() if k not in ("hackers", "config")}
-        return (rest(earlier) == rest(json.loads(json.dumps(protocol))) and "config" in earlier
-                and setting(ProtectConfig.from_dict(earlier["config"])) == setting(config))
+        return rest(earlier) == rest(json.loads(json.dumps(protocol)))
+
+    def same_setting(earlier: dict) -> bool:
+        return same_protocol(earlier) and "config" in earlier and setting(ProtectConfig.from_dict(earlier["config"])) == setting(config)
 
     payload = {"protocol": protocol, "trainings": [], "cuts": [], "elapsed_s": 0.0}
     if args.json.exists() and not args.fresh:
@@ -208,6 +212,14 @@ def main() -> None:
             parser.error(f"{args.json} holds a run of another setting; pass --fresh to replace it or --json to write elsewhere")
         payload.update(earlier, protocol=protocol, cuts=[])
         print(f"resuming {args.json}: {len(payload['trainings'])} trainings done", flush=True)
+    if args.clean_json:
+        earlier = json.loads(args.clean_json.read_text())
+        if not same_protocol(earlier.get("protocol", {})):
+            parser.error(f"{args.clean_json} holds a run of another protocol (--n, --test, --epochs, --eval-every, --pgd-steps); "
+                         "pass the same ones or drop --clean-json")
+        have = {(t["model"], t["attack"], t["data"]) for t in payload["trainings"]}
+        payload["trainings"] += [t for t in earlier["trainings"] if t["data"] == "clean" and (t["model"], t["attack"], t["data"]) not in have]
+        payload["clean_from"] = str(args.clean_json)
     spent = payload["elapsed_s"]
 
     def elapsed() -> float:
