@@ -157,6 +157,8 @@ class ProtectConfig:
         # fail after the shared state is built, nor reach the card as anything but plain JSON.
         put = lambda name, value: object.__setattr__(self, name, value)
         put("epsilon", parse_epsilon(self.epsilon))
+        if self.mode not in MODES:  # first: the checks below read it
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
                               ("micro_batches", 1), ("bind_checkpoints", 0), ("low_frequency_factor", 2),
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
@@ -207,8 +209,6 @@ class ProtectConfig:
             put("fit_sample", _integer("fit_sample", self.fit_sample, 1))
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         put("surrogates", tuple(str(s) for s in self.surrogates))
         unknown = [s for s in self.surrogates if s not in list_models()]
         if unknown:

@@ -102,8 +102,9 @@ def gather_rows(local: torch.Tensor, micro_batches: int, ranks: Ranks) -> torch.
 
 def share_out(count: int, work: Callable[[int], T], ranks: Ranks) -> list[T]:
     """``[work(k) for k in range(count)]`` on every process: each computes the ``k`` it owns
-    (``k % count == index``) and the results (pickled) are gathered in ``k`` order. For jobs
-    whose result does not depend on the process, such as protecting a batch."""
+    (``k % ranks.count == ranks.index``) and the results (pickled: return tensors that own
+    their storage, not views of a larger one, which pickle whole) are gathered in ``k`` order.
+    For jobs whose result does not depend on the process, such as protecting a batch."""
     mine = [work(k) for k in range(ranks.index, count, ranks.count)]
     if ranks.count == 1:
         return mine

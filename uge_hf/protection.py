@@ -44,7 +44,7 @@ from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STAGING_NAME, S
                      split_of, staged_path, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
-from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name
+from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name, tensors_fingerprint
 
 DatasetLike = Union[Dataset, DatasetDict, IterableDataset, IterableDatasetDict, str, os.PathLike]
 
@@ -78,10 +78,12 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
 
 
 def run_id(keys: list[AuthorizedModel], config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str,
-           layout: dict) -> str:
+           layout: dict, feature_backbone: Optional[nn.Module]) -> str:
     """Identity of a run: what must match for a rerun to resume rather than be refused
     (``layout``: shard size, output format, what happens to the other splits)."""
-    parts = [*(k.fingerprint for k in keys), config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True)]
+    backbone = tensors_fingerprint(feature_backbone.state_dict()) if feature_backbone is not None else "none"
+    parts = [*(k.fingerprint for k in keys), config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True),
+             backbone]
     parts += [f"{name}:{ds._fingerprint}:{len(ds)}" for name, ds in sorted(datasets.items())]
     return hashlib.sha256("/".join(parts).encode()).hexdigest()
 
@@ -223,7 +225,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])
     layout = {"shard_size": shard_size, "output_format": output_format, "copied": copied}
-    rid = run_id(keys, config, {s: data[s] for s in splits + copied}, columns, fit_split, layout)
+    rid = run_id(keys, config, {s: data[s] for s in splits + copied}, columns, fit_split, layout, feature_backbone)
     jobs = []
     for name in splits:
         plan = shard_plan(len(data[name]), config.batch_size, shard_size)

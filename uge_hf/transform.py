@@ -115,7 +115,9 @@ class UGETransform:
                                       verbose=verbose)
         state = build_shared_state(images, labels, keys, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
         transform = cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
-        transform._retrain(dataset, labels, (images.shape[-1], images.shape[-2]), keys, cache_dir, verbose)
+        size = (images.shape[-1], images.shape[-2])
+        del images  # the rounds decode the rows as the shards do
+        transform._retrain(dataset, labels, size, keys, cache_dir, verbose)
         return transform
 
     def _retrain(self, dataset, labels: torch.Tensor, size: tuple[int, int], keys: list[AuthorizedModel],
@@ -260,7 +262,7 @@ class UGETransform:
         def batch(k: int) -> list[torch.Tensor]:
             out = self.perturb(list(images[k * size:(k + 1) * size]), labels[k * size:(k + 1) * size])
             bar.update()
-            return out
+            return [p.clone() for p in out]  # each its own storage: gathered views would pickle the whole batch each
 
         batches = share_out(count, batch, ranks)
         bar.close()
