@@ -199,7 +199,8 @@ def main() -> None:
     parser.add_argument("--attacked-models", type=lambda s: s.split(","), default=None)
     parser.add_argument("--eval-every", type=int, default=3, help="test accuracy after every k-th epoch and the last: "
                         "best-epoch figures over those (each evaluation of the 10k test split costs about one training epoch on 2 cores)")
-    parser.add_argument("--clean-json", type=Path, help="reuse the clean baseline of an earlier run's JSON (same --n, --epochs)")
+    parser.add_argument("--clean-json", type=Path,
+                        help="reuse the clean baseline of an earlier run's JSON (same --key, --n, --test, --epochs, --eval-every, device)")
     parser.add_argument("--jobs", type=int, default=1, help="variants run in parallel (on a GPU machine)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=Path("bench/results/efficacy.json"))
@@ -230,6 +231,7 @@ def main() -> None:
     clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
     test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
     key = AuthorizedModel.create(args.key, num_classes=10, seed=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # One clean baseline for every variant: train each model once on the clean rows.
     start = time.perf_counter()
@@ -238,10 +240,17 @@ def main() -> None:
         if (earlier_key := earlier.get("key", "convnet")) != args.key:  # runs from before --key had convnet
             parser.error(f"{args.clean_json} holds the clean baseline of key {earlier_key}, not {args.key}; "
                          f"pass --key {earlier_key} or drop --clean-json")
+        # Older runs lack some of these; what they record must match.
+        mine = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "device": device}
+        if differ := [f"{k} {earlier[k]} there, {v} here" for k, v in mine.items() if k in earlier and earlier[k] != v]:
+            parser.error(f"{args.clean_json} holds the clean baseline of another protocol ({'; '.join(differ)}); "
+                         "pass the same options or drop --clean-json")
         key_train_s = earlier["key_training_s"]
         # Runs before best epochs were recorded kept the last epoch's accuracy only.
         baseline = [Training.from_dict(t) for t in earlier["clean_trainings"]] if "clean_trainings" in earlier else \
             [Training(m, "none", "clean", [args.epochs], [acc], 0.0) for m, acc in earlier["clean_acc"].items()]
+        if missing := [m for m in [KEY, "key arch, seed 7", *args.hackers] if m not in {t.model for t in baseline}]:
+            parser.error(f"{args.clean_json} has no clean training of {', '.join(missing)}; drop those from --hackers or --clean-json")
     else:
         ev = Evaluation(clean, None, test, key, hackers=args.hackers, train_config=TrainConfig(epochs=args.epochs),
                         eval_every=args.eval_every, done=log.done("clean"), on_training=lambda t: log.add("clean", t), verbose=args.verbose)
@@ -262,7 +271,7 @@ def main() -> None:
     payload = {"n": len(rows), "test": len(test[1]), "key": args.key, "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
                "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
                "clean_trainings": [t.to_dict() for t in baseline],
-               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": "cuda" if torch.cuda.is_available() else "cpu",
+               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": device,
                "threads": args.threads, "variants": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
 

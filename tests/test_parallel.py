@@ -1,5 +1,6 @@
 """Deterministic data parallelism (uge_hf.parallel): one step, the same bytes on 1 or N processes."""
 
+import datetime
 import socket
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from uge_hf.data import load_tensors
 from uge_hf.models import create_model
-from uge_hf.parallel import Ranks, data_parallel_gradients
+from uge_hf.parallel import Ranks, data_parallel_gradients, share_out
 from uge_hf.training import to_float
 
 
@@ -71,12 +72,16 @@ def _step(rank: int, world: int, port: int, x, y, out: str) -> None:
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_processes_give_the_bytes_of_one(batch, tmp_path, world):
     x, y = batch
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_step, args=(1, port, x, y, str(tmp_path)), nprocs=1)
     mp.spawn(_step, args=(world, port, x, y, str(tmp_path)), nprocs=world)
     one = torch.load(tmp_path / "1-0.pt")
@@ -84,3 +89,38 @@ def test_gloo_processes_give_the_bytes_of_one(batch, tmp_path, world):
         other = torch.load(tmp_path / f"{world}-{rank}.pt")
         assert other["loss"] == one["loss"]
         assert all(torch.equal(a, b) for a, b in zip(one["grads"] + one["buffers"], other["grads"] + other["buffers"]))
+
+
+def _share(rank: int, world: int, port: int, failing: int, out: str) -> None:
+    # A short timeout: a process left waiting fails the test within a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+    def work(k: int):
+        if k == failing:
+            raise ValueError(f"job {k} is broken")
+        if k == -failing:
+            return lambda: k  # does not pickle
+        return torch.full((2,), float(k))
+
+    try:
+        outcome = [t.tolist() for t in share_out(7, work, Ranks.current())]
+    except Exception as error:
+        outcome = f"{type(error).__name__}: {error}"
+    torch.save(outcome, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_shared_out_jobs_come_back_in_order_and_a_failed_job_fails_every_process(tmp_path):
+    mp.spawn(_share, args=(3, free_port(), 99, str(tmp_path)), nprocs=3)
+    assert all(torch.load(tmp_path / f"{r}.pt") == [[float(k)] * 2 for k in range(7)] for r in range(3))
+    # Job 4 is process 1's (4 % 3): it raises its own error, the others say whose it was, none waits.
+    mp.spawn(_share, args=(3, free_port(), 4, str(tmp_path)), nprocs=3)
+    assert torch.load(tmp_path / "1.pt") == "ValueError: job 4 is broken"
+    for rank in (0, 2):
+        assert torch.load(tmp_path / f"{rank}.pt") == \
+            "RuntimeError: process 1 failed its share of the work (ValueError: job 4 is broken); see its traceback"
+    # A result that does not pickle fails the same way (job 5: process 2's).
+    mp.spawn(_share, args=(3, free_port(), -5, str(tmp_path)), nprocs=3)
+    assert "pickle" in torch.load(tmp_path / "2.pt").lower()
+    assert all(torch.load(tmp_path / f"{r}.pt").startswith("RuntimeError: process 2 failed its share") for r in (0, 1))

@@ -12,6 +12,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 from uge_hf import ProtectConfig, UGETransform, protect
 from uge_hf.config import parse_epsilon
 from uge_hf.data import load_tensors
+from uge_hf.state import SharedState
 from uge_hf.utils import sha256_file
 
 
@@ -328,7 +329,6 @@ def test_config_checks_the_low_frequency_share():
 def test_class_consistent_part_of_delta_is_one_coarse_pattern_per_class_within_its_share(tmp_path, small_train, key):
     from uge_hf.fitting import build_shared_state
     from uge_hf.objective import Objective, signed_gradient_search
-    from uge_hf.state import SharedState
     from uge_hf.utils import seeded_generator
 
     images, labels = load_tensors(small_train, "img", "label", 3, rows=range(64), verbose=False)
@@ -457,6 +457,10 @@ def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_
     resumed = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)  # from the cache, no retraining
     assert resumed.fingerprint == retrained.fingerprint
     assert first.state.metadata()["retrained_lengths"] == [] and retrained.state.metadata()["retrained_lengths"] == [[len(trajectory)]]
+    # A state missing a round its config names would protect without it, silently: refused on load.
+    partial = dict(first.state.metadata(), config=config.to_dict())
+    with pytest.raises(ValueError, match="holds 0 retraining round\\(s\\) and its config names 1"):
+        SharedState.from_parts(partial, first.state.tensors())
 
     with pytest.raises(ValueError, match="retrain_rounds=0 or low_frequency=0"):
         ProtectConfig(retrain_rounds=1, low_frequency=0.5)

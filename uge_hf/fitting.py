@@ -32,7 +32,7 @@ from .objective import Objective
 from .parallel import Ranks, data_parallel_gradients
 from .state import SharedState
 from .training import RECIPES, TrainConfig, to_float, train_model
-from .utils import atomic_write, default_device, private_dir, progress_bar, seeded_generator, tensors_fingerprint
+from .utils import atomic_write, default_device, private_dir, progress_bar, module_fingerprint, seeded_generator, tensors_fingerprint
 
 # PGD steps of the surrogates' adversarial training (ProtectConfig.surrogate_epsilon): each
 # costs one more forward and backward pass per batch, and a slightly robust model needs few.
@@ -198,7 +198,7 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
         raise ValueError("lambda_bind (negative matching on other seeds of one key's architecture) takes a single key")
     ranks = Ranks.current()
     verbose = verbose and ranks.is_main
-    backbone_fp = tensors_fingerprint(feature_backbone.state_dict()) if feature_backbone is not None else None
+    backbone_fp = module_fingerprint(feature_backbone)
     cache = claim_cache(cache_dir, images, labels, keys, config, backbone_fp, ranks) if cache_dir is not None else None
     device = default_device()
     recipe = trajectory_recipe(config)

@@ -21,7 +21,7 @@ from .losses import (activation_matching_loss, defense_views, gradient_matching_
 from .models import create_model
 from .state import SharedState
 from .training import random_crop_flip
-from .utils import default_device, tensors_fingerprint
+from .utils import default_device, module_fingerprint
 
 
 class CentroidHead(nn.Module):
@@ -65,7 +65,7 @@ class Objective:
         if state.centroids is not None:
             if feature_backbone is None:
                 raise ValueError("this state was built with a feature backbone; pass the same feature_backbone to load it")
-            if tensors_fingerprint(feature_backbone.state_dict()) != state.backbone_fingerprint:
+            if module_fingerprint(feature_backbone) != state.backbone_fingerprint:
                 raise ValueError("feature_backbone's weights differ from the backbone the state was built with")
             self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
         if "grayscale" in self.config.eot and state.in_channels != 3:

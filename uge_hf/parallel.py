@@ -12,6 +12,7 @@ step keeps their mean over micro-batches.
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 
@@ -104,10 +105,39 @@ def share_out(count: int, work: Callable[[int], T], ranks: Ranks) -> list[T]:
     """``[work(k) for k in range(count)]`` on every process: each computes the ``k`` it owns
     (``k % ranks.count == ranks.index``) and the results (pickled: return tensors that own
     their storage, not views of a larger one, which pickle whole) are gathered in ``k`` order.
-    For jobs whose result does not depend on the process, such as protecting a batch."""
-    mine = [work(k) for k in range(ranks.index, count, ranks.count)]
+    For jobs whose result does not depend on the process, such as protecting a batch.
+
+    Results are gathered one wave (one ``k`` per process) at a time: a collective holds only
+    that wave's pickles (on the GPU, under NCCL), and a process whose job raises tells the
+    others at the wave's end, so that every process raises instead of waiting for it. Each
+    wave waits for its slowest job: give the jobs equal sizes.
+
+    Raises:
+        RuntimeError: another process's job raised or returned what does not pickle (that
+            process re-raises its own error).
+    """
     if ranks.count == 1:
-        return mine
-    parts: list = [None] * ranks.count
-    dist.all_gather_object(parts, mine)
-    return [parts[k % ranks.count][k // ranks.count] for k in range(count)]
+        return [work(k) for k in range(count)]
+    results: list = []
+    for wave in range(0, count, ranks.count):
+        k, payload, error = wave + ranks.index, None, None
+        try:  # pickled here, so that a result that does not pickle fails like a job that raises
+            payload = pickle.dumps(work(k) if k < count else None)
+        except Exception as raised:  # told to every process, then re-raised below
+            error = raised
+        parts: list = [None] * ranks.count
+        dist.all_gather_object(parts, (None if error is None else describe(error), payload))
+        if error is not None:
+            raise error
+        if failed := [(i, message) for i, (message, _) in enumerate(parts) if message is not None]:
+            raise RuntimeError(f"process {failed[0][0]} failed its share of the work ({failed[0][1]}); see its traceback")
+        results += [pickle.loads(p) for _, p in parts[:count - wave]]
+    return results
+
+
+def describe(error: Exception) -> str:
+    """``"Type: message"``, or the type alone for an error whose message cannot be formed."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:
+        return type(error).__name__

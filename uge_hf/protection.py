@@ -44,7 +44,7 @@ from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STAGING_NAME, S
                      split_of, staged_path, write_metadata)
 from .key import AuthorizedModel, authorized_keys
 from .transform import UGETransform
-from .utils import atomic_write, default_device, private_dir, progress_bar, sha256_file, temporary_name, tensors_fingerprint
+from .utils import atomic_write, default_device, module_fingerprint, private_dir, progress_bar, sha256_file, temporary_name
 
 DatasetLike = Union[Dataset, DatasetDict, IterableDataset, IterableDatasetDict, str, os.PathLike]
 
@@ -81,9 +81,8 @@ def run_id(keys: list[AuthorizedModel], config: ProtectConfig, datasets: dict[st
            layout: dict, feature_backbone: Optional[nn.Module]) -> str:
     """Identity of a run: what must match for a rerun to resume rather than be refused
     (``layout``: shard size, output format, what happens to the other splits)."""
-    backbone = tensors_fingerprint(feature_backbone.state_dict()) if feature_backbone is not None else "none"
     parts = [*(k.fingerprint for k in keys), config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True),
-             backbone]
+             module_fingerprint(feature_backbone) or "none"]
     parts += [f"{name}:{ds._fingerprint}:{len(ds)}" for name, ds in sorted(datasets.items())]
     return hashlib.sha256("/".join(parts).encode()).hexdigest()
 

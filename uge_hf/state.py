@@ -145,18 +145,24 @@ class SharedState:
         """Rebuild from :meth:`metadata` and :meth:`tensors`.
 
         Raises:
-            ValueError: the state was saved by an earlier uge-hf, in another layout.
+            ValueError: the state was saved by an earlier uge-hf, in another layout, or holds
+                another number of retraining rounds than its config names.
         """
         if "architectures" not in meta:
             raise ValueError(f"this shared state was saved by uge-hf {meta.get('uge_hf_version', 'before 0.2')} in an older layout; "
                              "rebuild it (rerun protect, or UGETransform.fit)")
+        config = ProtectConfig.from_dict(meta["config"])
+        rounds = len(meta.get("retrained_lengths", []))
+        if rounds != config.retrain_rounds:  # the transform would protect with the rounds it has, silently
+            raise ValueError(f"this shared state holds {rounds} retraining round(s) and its config names {config.retrain_rounds}: "
+                             "it was not saved by UGETransform.fit; rebuild it (rerun protect, or UGETransform.fit)")
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         return cls(
             architectures=meta["architectures"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-            key_fingerprints=meta["key_fingerprints"], config=ProtectConfig.from_dict(meta["config"]),
+            key_fingerprints=meta["key_fingerprints"], config=config,
             trajectories=[[group(f"trajectory.{i}.{t}.") for t in range(n)] for i, n in enumerate(meta["trajectory_lengths"])],
             surrogates=[(a, group(f"surrogate.{i}.")) for i, a in enumerate(meta["surrogates"])],
             other_trajectories=[[group(f"other.{s}.{t}.") for t in range(n)] for s, n in enumerate(meta["other_trajectories"])],

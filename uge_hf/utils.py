@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -62,6 +62,12 @@ def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(t.shape)).encode() + b"\0")
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def module_fingerprint(module: Optional[torch.nn.Module]) -> Optional[str]:
+    """:func:`tensors_fingerprint` of a module's ``state_dict`` (a feature backbone's, say);
+    ``None`` for no module."""
+    return tensors_fingerprint(module.state_dict()) if module is not None else None
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, private: bool = False) -> None:
