@@ -81,6 +81,7 @@ VARIANTS = {
     # Retraining rounds: the key retrained on the protected rows, δ searched again along it.
     "retrain1": {"retrain_rounds": 1},
     "retrain2": {"retrain_rounds": 2},
+    "retrain3": {"retrain_rounds": 3},
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
