@@ -32,7 +32,7 @@ from .objective import Objective
 from .parallel import Ranks, data_parallel_gradients
 from .state import SharedState
 from .training import RECIPES, TrainConfig, to_float, train_model
-from .utils import atomic_write, default_device, private_dir, progress_bar, module_fingerprint, seeded_generator, tensors_fingerprint
+from .utils import atomic_write, default_device, module_fingerprint, private_dir, progress_bar, seeded_generator, tensors_fingerprint
 
 # PGD steps of the surrogates' adversarial training (ProtectConfig.surrogate_epsilon): each
 # costs one more forward and backward pass per batch, and a slightly robust model needs few.
