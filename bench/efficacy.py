@@ -232,7 +232,9 @@ def main() -> None:
     clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
     test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
     key = AuthorizedModel.create(args.key, num_classes=10, seed=0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # What a clean baseline depends on (besides the key): another run's is reused only if it matches.
+    protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every,
+                "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
     # One clean baseline for every variant: train each model once on the clean rows.
     start = time.perf_counter()
@@ -242,8 +244,7 @@ def main() -> None:
             parser.error(f"{args.clean_json} holds the clean baseline of key {earlier_key}, not {args.key}; "
                          f"pass --key {earlier_key} or drop --clean-json")
         # Older runs lack some of these; what they record must match.
-        mine = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "device": device}
-        if differ := [f"{k} {earlier[k]} there, {v} here" for k, v in mine.items() if k in earlier and earlier[k] != v]:
+        if differ := [f"{k} {earlier[k]} there, {v} here" for k, v in protocol.items() if k in earlier and earlier[k] != v]:
             parser.error(f"{args.clean_json} holds the clean baseline of another protocol ({'; '.join(differ)}); "
                          "pass the same options or drop --clean-json")
         key_train_s = earlier["key_training_s"]
@@ -269,11 +270,10 @@ def main() -> None:
     by_name = {t.model: t for t in baseline}  # an earlier run's baseline may hold more models than this run's columns
     print("| clean acc, best/last epoch | " + " | ".join(f"{by_name[m].best_acc:.1f}/{by_name[m].last_acc:.1f}"
                                                         for m in [KEY, "key arch, seed 7", *args.hackers]) + " | | |", flush=True)
-    payload = {"n": len(rows), "test": len(test[1]), "key": args.key, "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,
+    payload = {**protocol, "key": args.key, "hackers": args.hackers,
                "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
                "clean_trainings": [t.to_dict() for t in baseline],
-               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "device": device,
-               "threads": args.threads, "variants": []}
+               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "threads": args.threads, "variants": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def report(res: dict) -> None:  # print and save each variant as soon as it is done
