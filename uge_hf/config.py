@@ -136,6 +136,13 @@ class ProtectConfig:
     # perturbations of slightly robust models transfer further to other architectures
     # (Springer et al. 2021, "A Little Robustness Goes a Long Way").
     surrogate_epsilon: float = 0.0
+    # Checkpoints of each surrogate's training that join the feature space as heads of their
+    # own, evenly spaced over its epochs, the last the trained surrogate (Self-Ensemble
+    # Protection, Chen et al. 2023: a training's checkpoints give a targeted perturbation
+    # more diverse gradients than more architectures do, and a hacker's model passes through
+    # such states while it learns). Each head adds its forward and backward pass to every
+    # search step. 1: the trained surrogate alone.
+    surrogate_checkpoints: int = 1
     other_seeds: tuple[int, ...] = ()  # trajectories of the key's architecture used by L_bind
     # L_bind matches only the first k checkpoints of each other seed's trajectory (0: all but the
     # last), where initializations differ most (bench/binding.py).
@@ -162,7 +169,7 @@ class ProtectConfig:
         for name, minimum in (("seed", 0), ("batch_size", 1), ("gm_every", 1), ("trajectory_epochs", 1), ("surrogate_epochs", 1),
                               ("micro_batches", 1), ("bind_checkpoints", 0), ("low_frequency_factor", 2),
                               ("generator_sample", 1), ("generator_epochs", 1), ("refine_steps", 0), ("class_epochs", 1),
-                              ("retrain_rounds", 0),
+                              ("retrain_rounds", 0), ("surrogate_checkpoints", 1),
                               ("steps", 1 if self.mode == "per-sample" else 0)):
             put(name, _integer(name, getattr(self, name), minimum))
         for name in ("lambda_gm", "lambda_am", "lambda_fd", "lambda_kc", "lambda_ud", "lambda_bind", "low_frequency", "class_share", "momentum"):
@@ -193,6 +200,9 @@ class ProtectConfig:
         if self.class_share and self.mode == "generator":
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")
+        if self.surrogate_checkpoints > self.surrogate_epochs:
+            raise ValueError(f"surrogate_checkpoints={self.surrogate_checkpoints} checkpoints of a {self.surrogate_epochs}-epoch "
+                             "surrogate training: at most one per epoch; lower it or raise surrogate_epochs")
         if self.surrogate_epsilon != 0:
             put("surrogate_epsilon", parse_epsilon(self.surrogate_epsilon, "surrogate_epsilon"))
         if self.step_size is not None:

@@ -220,9 +220,11 @@ def build_shared_state(images: torch.Tensor, labels: torch.Tensor, keys: Authori
             torch.manual_seed(config.seed * 1000 + 101 + i)
             model = create_model(arch, key.num_classes, key.in_channels)
         robust = pgd_training(model, config.surrogate_epsilon, SURROGATE_PGD_STEPS) if config.surrogate_epsilon else None
-        weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, replace(recipe, epochs=config.surrogate_epochs),
-                                     config.seed + 1 + i, cache, False, verbose, ranks, batch_transform=robust)
-        surrogates.append((arch, weights[-1]))
+        n, epochs = config.surrogate_checkpoints, config.surrogate_epochs
+        weights = resumable_training(f"surrogate-{i}-{arch}", model, images, labels, replace(recipe, epochs=epochs),
+                                     config.seed + 1 + i, cache, n > 1, verbose, ranks, batch_transform=robust)
+        # weights holds θ0 … θ_E when kept: the checkpoints after epochs E·j/n, j = 1 … n
+        surrogates += [(arch, weights[-1])] if n == 1 else [(arch, weights[round(epochs * j / n)]) for j in range(1, n + 1)]
     centroids = class_centroids(feature_backbone, images, labels, key.num_classes, device) if feature_backbone is not None else None
     lap("feature_space")
     # L_bind matches θ0 … θ_{k-1} of each other seed (objective.py): k epochs of training give them.
