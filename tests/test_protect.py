@@ -403,6 +403,25 @@ def test_robust_surrogates_are_adversarially_trained_and_the_rest_of_the_state_i
     assert adv_rob - clean_rob < adv_std - clean_std  # the adversary gains less against the robust surrogate
 
 
+def test_surrogate_checkpoints_join_the_feature_space_and_the_last_is_the_trained_surrogate(small_train, key):
+    from uge_hf.fitting import build_shared_state
+    from uge_hf.objective import Objective
+
+    with pytest.raises(ValueError, match="at most one per epoch; lower it or raise surrogate_epochs"):
+        ProtectConfig.preset("fast", surrogate_checkpoints=3)
+    images, labels = load_tensors(small_train, "img", "label", 3, verbose=False)
+    config = ProtectConfig.preset("fast")  # one surrogate, vgg-tiny, trained 2 epochs
+    single = build_shared_state(images, labels, key, config, verbose=False)
+    ensemble = build_shared_state(images, labels, key, replace(config, surrogate_checkpoints=2), verbose=False)
+    assert [arch for arch, _ in ensemble.surrogates] == ["vgg-tiny", "vgg-tiny"]
+    (_, after_first), (_, last) = ensemble.surrogates
+    trained = single.surrogates[0][1]
+    assert all(torch.equal(last[k], trained[k]) for k in trained)  # the same training, kept at every epoch
+    assert not all(torch.equal(after_first[k], trained[k]) for k in trained)
+    assert len(Objective(ensemble).heads) == 2
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ensemble.trajectories[0], single.trajectories[0]) for k in a)
+
+
 def test_momentum_steps_follow_the_running_sum_of_normalized_gradients(small_train, key):
     from dataclasses import replace
 
