@@ -82,6 +82,8 @@ VARIANTS = {
     "retrain1": {"retrain_rounds": 1},
     "retrain2": {"retrain_rounds": 2},
     "retrain3": {"retrain_rounds": 3},
+    # One round with momentum in the signed steps: the two changes that each lowered every hacker.
+    "retrain1-momentum": {"retrain_rounds": 1, "momentum": 0.9},
 }
 # The further authorized keys of a variant, (architecture, seed) each, after the benchmark's key (--key, seed 0).
 KEYS = {"two-convnets": [("convnet", 1)], "convnet+resnet-small": [("resnet-small", 0)],
