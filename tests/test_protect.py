@@ -476,10 +476,13 @@ def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_
     resumed = UGETransform.fit(rows, key, config, cache_dir=tmp_path / "cache", verbose=False)  # from the cache, no retraining
     assert resumed.fingerprint == retrained.fingerprint
     assert first.state.metadata()["retrained_lengths"] == [] and retrained.state.metadata()["retrained_lengths"] == [[len(trajectory)]]
-    # A state missing a round its config names would protect without it, silently: refused on load.
+    # A state missing a round its config names would protect without it, silently: refused on
+    # load, and by a transform built on it by hand.
     partial = dict(first.state.metadata(), config=config.to_dict())
     with pytest.raises(ValueError, match="holds 0 retraining round\\(s\\) and its config names 1"):
         SharedState.from_parts(partial, first.state.tensors())
+    with pytest.raises(ValueError, match="holds 0 retraining round\\(s\\) and its config names 1: build it with UGETransform.fit"):
+        UGETransform(replace(first.state, config=config))
 
     with pytest.raises(ValueError, match="retrain_rounds=0 or low_frequency=0"):
         ProtectConfig(retrain_rounds=1, low_frequency=0.5)

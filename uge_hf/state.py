@@ -146,21 +146,17 @@ class SharedState:
 
         Raises:
             ValueError: the state was saved by an earlier uge-hf, in another layout, or holds
-                another number of retraining rounds than its config names.
+                another number of retraining rounds than its config names (:meth:`check_rounds`).
         """
         if "architectures" not in meta:
             raise ValueError(f"this shared state was saved by uge-hf {meta.get('uge_hf_version', 'before 0.2')} in an older layout; "
                              "rebuild it (rerun protect, or UGETransform.fit)")
         config = ProtectConfig.from_dict(meta["config"])
-        rounds = len(meta.get("retrained_lengths", []))
-        if rounds != config.retrain_rounds:  # the transform would protect with the rounds it has, silently
-            raise ValueError(f"this shared state holds {rounds} retraining round(s) and its config names {config.retrain_rounds}: "
-                             "it was not saved by UGETransform.fit; rebuild it (rerun protect, or UGETransform.fit)")
 
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        return cls(
+        state = cls(
             architectures=meta["architectures"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
             key_fingerprints=meta["key_fingerprints"], config=config,
             trajectories=[[group(f"trajectory.{i}.{t}.") for t in range(n)] for i, n in enumerate(meta["trajectory_lengths"])],
@@ -172,3 +168,17 @@ class SharedState:
             generator=group("generator.") if meta["has_generator"] else None,
             class_codes=group("class_codes.") if meta.get("has_class_codes") else None, image_size=tuple(meta["image_size"]),
         )
+        state.check_rounds()
+        return state
+
+    def check_rounds(self) -> None:
+        """Refuse a state whose retraining rounds are not the ones its config names: a transform
+        would protect with the rounds it has, silently (:func:`build_shared_state` adds none;
+        ``UGETransform.fit`` adds them).
+
+        Raises:
+            ValueError: naming both counts and the fix.
+        """
+        if len(self.retrained) != self.config.retrain_rounds:
+            raise ValueError(f"this shared state holds {len(self.retrained)} retraining round(s) and its config names "
+                             f"{self.config.retrain_rounds}: build it with UGETransform.fit (or protect), which adds the rounds")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -81,6 +82,11 @@ class UGETransform:
 
     def __init__(self, state: SharedState, *, image_column: str = "image", label_column: str = "label",
                  feature_backbone: Optional[nn.Module] = None, verbose: bool = False):
+        """Raises:
+            ValueError: ``state`` holds other retraining rounds than its config names
+                (:meth:`SharedState.check_rounds`): build it with :meth:`fit`.
+        """
+        state.check_rounds()
         self.state, self.image_column, self.label_column = state, image_column, label_column
         self.feature_backbone, self.verbose = feature_backbone, verbose
         self._objective: Optional[Objective] = None
@@ -114,15 +120,17 @@ class UGETransform:
         images, labels = load_tensors(dataset, image_column, label_column, keys[0].in_channels, rows=rows, size=config.resize,
                                       verbose=verbose)
         state = build_shared_state(images, labels, keys, config, feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
-        transform = cls(state, image_column=image_column, label_column=label_column, feature_backbone=feature_backbone, verbose=verbose)
+        # Without its rounds yet, the state is one of retrain_rounds=0; each round adds one.
+        transform = cls(replace(state, config=replace(config, retrain_rounds=0)), image_column=image_column, label_column=label_column,
+                        feature_backbone=feature_backbone, verbose=verbose)
         size = (images.shape[-1], images.shape[-2])
         del images  # the rounds decode the rows as the shards do
-        transform._retrain(dataset, labels, size, keys, cache_dir, verbose)
+        transform._retrain(config.retrain_rounds, dataset, labels, size, keys, cache_dir, verbose)
         return transform
 
-    def _retrain(self, dataset, labels: torch.Tensor, size: tuple[int, int], keys: list[AuthorizedModel],
+    def _retrain(self, rounds: int, dataset, labels: torch.Tensor, size: tuple[int, int], keys: list[AuthorizedModel],
                  cache_dir: Optional[str | os.PathLike], verbose: bool) -> None:
-        """Add ``config.retrain_rounds`` rounds to the state: each protects the fit rows (the
+        """Add ``rounds`` retraining rounds to the state: each protects the fit rows (the
         first ``len(labels)`` of ``dataset``) exactly as the shards will, the rounds before it
         included, and trains every key from its θ0 on them, resized to the build's training
         ``size`` (width, height), with the trajectory's recipe, keeping every epoch (resumable
@@ -139,7 +147,7 @@ class UGETransform:
         cache = private_dir(cache_dir) if cache_dir is not None else None
         recipe, batch, fit_rows = trajectory_recipe(self.config), self.batch_size, len(labels)
         clean: Optional[tuple[list[torch.Tensor], torch.Tensor]] = None  # decoded once, when a round must protect
-        for r in range(self.config.retrain_rounds):
+        for r in range(rounds):
             names = [f"retrained-{r}-{i}" for i in range(len(keys))]
             protected = None  # unread when every training of the round is in the cache
             if not all(Checkpoints(cache, name, ranks).is_finished() for name in names):
@@ -151,10 +159,11 @@ class UGETransform:
                                         ranks=ranks)
                 protected = torch.stack([torch.from_numpy(to_pixels(pil_image(p.numpy()), self.state.in_channels, size))
                                          for p in out[:fit_rows]])
-            self.state.retrained.append([resumable_training(name, key.build(), protected, labels, recipe, self.config.seed, cache, True,
-                                                            verbose and ranks.is_main, ranks) for name, key in zip(names, keys)])
+            trained = [resumable_training(name, key.build(), protected, labels, recipe, self.config.seed, cache, True,
+                                          verbose and ranks.is_main, ranks) for name, key in zip(names, keys)]
+            self.state = replace(self.state, config=replace(self.config, retrain_rounds=r + 1), retrained=[*self.state.retrained, trained])
             self._objective = None  # bind the new round's trajectories
-        if self.config.retrain_rounds:
+        if rounds:
             self.state.timings["retrain"] = time.perf_counter() - start
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
