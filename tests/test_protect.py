@@ -409,6 +409,8 @@ def test_surrogate_checkpoints_join_the_feature_space_and_the_last_is_the_traine
 
     with pytest.raises(ValueError, match="at most one per epoch; lower it or raise surrogate_epochs"):
         ProtectConfig.preset("fast", surrogate_checkpoints=3)
+    with pytest.raises(ValueError, match="surrogates is empty: name surrogates, or leave surrogate_checkpoints at 1"):
+        ProtectConfig(surrogates=(), surrogate_checkpoints=2)
     images, labels = load_tensors(small_train, "img", "label", 3, verbose=False)
     config = ProtectConfig.preset("fast")  # one surrogate, vgg-tiny, trained 2 epochs
     single = build_shared_state(images, labels, key, config, verbose=False)

@@ -189,6 +189,103 @@ def test_card_and_metadata_say_nothing_that_narrows_the_search_for_the_key(tmp_p
 
 # -- 3. publishing publishes only what was meant -------------------------------------------
 
+@pytest.mark.parametrize("entry", [{"files": ["../victim.txt"]}, {"files": ["/ABS/victim.txt"]}, {"dirs": ["../victims"]},
+                                   {"stale": ["notes.txt"]}, {"stale_dirs": ["."]}])
+def test_overwrite_deletes_nothing_a_crafted_manifest_names(tmp_path, rows, key, fast, entry):
+    """The manifest says what --overwrite may delete; one that came with a download (or was
+    edited) and names anything uge-hf never writes is refused, and nothing is deleted."""
+    out, victims = tmp_path / "out", tmp_path / "victims"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    (tmp_path / "victim.txt").write_text("mine")
+    (victims / "x").parent.mkdir()
+    (victims / "x").write_text("mine")
+    manifest = json.loads((out / ".uge_hf_manifest.json").read_text())
+    entry = {k: [str(tmp_path / "victim.txt") if n == "/ABS/victim.txt" else n for n in v] for k, v in entry.items()}
+    (out / ".uge_hf_manifest.json").write_text(json.dumps({**manifest, **{k: manifest.get(k, []) + v for k, v in entry.items()}}))
+    before = files_of(tmp_path / "out")
+    with pytest.raises(TamperedShardError, match="lists what uge-hf never writes.*nothing it names is deleted"):
+        protect(rows, key, ProtectConfig.preset("fast", batch_size=40, trajectory_epochs=1, surrogate_epochs=1), output_dir=out,
+                overwrite=True, verbose=False)
+    assert (tmp_path / "victim.txt").read_text() == "mine" and (victims / "x").read_text() == "mine"
+    assert files_of(tmp_path / "out") == before
+
+
+def test_a_state_dir_inside_the_output_folder_is_refused_before_any_work(tmp_path, rows, key, fast):
+    """The output folder is what gets published; θ0 must never be in it (nor the output in the state)."""
+    for out, state in ((tmp_path / "out", tmp_path / "out" / "state"), (tmp_path / "b" / "out", tmp_path / "b")):
+        with pytest.raises(ValueError, match="overlap: the state holds θ0.*choose a state_dir outside the output folder"):
+            protect(rows, key, fast, output_dir=out, state_dir=state, verbose=False)
+        assert not out.exists() and not state.exists()
+
+
+def test_a_state_dir_that_is_a_file_is_refused_naming_the_fix(tmp_path, rows, key, fast):
+    (tmp_path / "out.uge-state").write_text("mine")
+    with pytest.raises(FileExistsError, match="out.uge-state is a file, not a folder; pass a new or empty folder"):
+        protect(rows, key, fast, output_dir=tmp_path / "out", verbose=False)
+    assert (tmp_path / "out.uge-state").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+def test_a_users_efficacy_figure_is_neither_deleted_nor_published(tmp_path, rows, key, fast):
+    """protect does not write efficacy.png (evaluate --update-card does, and records it), so a
+    user's file of that name is theirs: refused on overwrite, never pushed."""
+    from uge_hf.hub import published_files
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    (out / "efficacy.png").write_bytes(b"mine")
+    assert "efficacy.png" not in [name for name in published_files(out)]
+    with pytest.raises(FileExistsError, match="did not write.*efficacy.png"):
+        protect(rows, key, ProtectConfig.preset("fast", batch_size=40, trajectory_epochs=1, surrogate_epochs=1), output_dir=out,
+                overwrite=True, verbose=False)
+    assert (out / "efficacy.png").read_bytes() == b"mine"
+    key.save_pretrained(tmp_path / "key")
+    code = main(["evaluate", str(out), "--clean", str(CIFAR10), "--key", str(tmp_path / "key"), "--update-card", "--quiet"])
+    assert code == 2 and (out / "efficacy.png").read_bytes() == b"mine"  # refused before training
+
+
+def test_arrow_layout_files_are_never_trusted_as_paths(tmp_path, rows, key, fast, cifar):
+    """load_from_disk opens whatever arrow/<split>/state.json names: only the listed, hashed
+    files may be named there."""
+    import shutil
+
+    from uge_hf.folder import load_output
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, output_format="arrow", verbose=False)
+    outside = next(f["filename"] for f in cifar["test"].cache_files)  # a real Arrow file outside the folder
+    for field, value in (("_data_files", [{"filename": outside}]), ("_data_files", [{"filename": "../../x.arrow"}])):
+        copy = tmp_path / f"copy-{abs(hash(str(value)))}"
+        shutil.copytree(out, copy)
+        state = copy / "arrow" / "train" / "state.json"
+        state.write_text(json.dumps({**json.loads(state.read_text()), field: value}))
+        with pytest.raises(TamperedShardError, match="names a data file .* which uge_hf.json does not list"):
+            load_output(copy)
+    copy = tmp_path / "copy-split"
+    shutil.copytree(out, copy)
+    (copy / "arrow" / "dataset_dict.json").write_text(json.dumps({"splits": ["../../elsewhere"]}))
+    with pytest.raises(TamperedShardError, match="names a split '../../elsewhere'"):
+        load_output(copy)
+    assert len(load_output(out)["train"]) == len(rows)
+
+
+def test_a_cache_dir_holding_the_users_files_is_refused_not_taken(tmp_path, rows, key, fast):
+    from uge_hf import UGETransform
+
+    cache = tmp_path / "mine"
+    cache.mkdir(mode=0o755)
+    (cache / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="cache_dir .* holds files uge-hf did not write \\(notes.txt\\)"):
+        UGETransform.fit(rows, key, fast, cache_dir=cache, verbose=False)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o755 and sorted(p.name for p in cache.iterdir()) == ["notes.txt"]
+
+
+def test_a_printed_state_shows_no_weights_nor_architecture(rows, key, fast):
+    from uge_hf import UGETransform
+
+    state = UGETransform.fit(rows, key, fast, verbose=False).state
+    assert repr(state) == f"SharedState(keys=1, retraining_rounds=0, fingerprint={state.fingerprint[:12]}…)"
+
+
 @pytest.fixture(scope="module")
 def two_shard_run(tmp_path_factory, rows, key, fast):
     out = tmp_path_factory.mktemp("pub") / "run"

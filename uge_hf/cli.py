@@ -93,7 +93,7 @@ def _evaluate(args) -> int:
 
     from .attacks import get_attack
     from .evaluation import evaluate
-    from .folder import FIGURE_NAME, load_output, read_metadata
+    from .folder import load_output, read_metadata, record_figure
     from .hub import verify
     from .key import AuthorizedModel
     from .models import DEFAULT_HACKERS
@@ -108,6 +108,7 @@ def _evaluate(args) -> int:
         if folder and not folder.is_dir():
             raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist; create it, or pick a path in "
                                     "an existing folder (checked before training, so no run is lost)")
+    figure = record_figure(Path(args.protected)) if args.update_card else None  # a figure not uge-hf's is refused before training
     attacks = ["none"] + [a for a in args.attacks.split(",") if a]
     for name in attacks:  # a misspelt attack fails now, before any warning or training
         get_attack(name)
@@ -145,8 +146,8 @@ def _evaluate(args) -> int:
         from .card import record_efficacy
 
         try:  # the figure sits next to the table in the card when matplotlib is installed
-            report.plot(Path(args.protected) / FIGURE_NAME)
-            results["figure"] = FIGURE_NAME
+            report.plot(figure)
+            results["figure"] = figure.name
         except ImportError as error:
             print(f"the card gets the table only: {error}", file=sys.stderr)
         record_efficacy(args.protected, results)

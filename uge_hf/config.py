@@ -200,6 +200,9 @@ class ProtectConfig:
         if self.class_share and self.mode == "generator":
             raise ValueError("class_share shapes the per-sample search's δ; generator mode has class codes of its own: "
                              "use mode='per-sample', or class_share=0")
+        if self.surrogate_checkpoints > 1 and not self.surrogates:
+            raise ValueError(f"surrogate_checkpoints={self.surrogate_checkpoints} takes checkpoints of the surrogates' trainings, "
+                             "and surrogates is empty: name surrogates, or leave surrogate_checkpoints at 1")
         if self.surrogate_checkpoints > self.surrogate_epochs:
             raise ValueError(f"surrogate_checkpoints={self.surrogate_checkpoints} checkpoints of a {self.surrogate_epochs}-epoch "
                              "surrogate training: at most one per epoch; lower it or raise surrogate_epochs")

@@ -32,7 +32,8 @@ from .objective import Objective
 from .parallel import Ranks, data_parallel_gradients
 from .state import SharedState
 from .training import RECIPES, TrainConfig, to_float, train_model
-from .utils import atomic_write, default_device, module_fingerprint, private_dir, progress_bar, seeded_generator, tensors_fingerprint
+from .utils import (atomic_write, default_device, is_temporary_of, module_fingerprint, private_dir, progress_bar, seeded_generator,
+                    tensors_fingerprint)
 
 # PGD steps of the surrogates' adversarial training (ProtectConfig.surrogate_epsilon): each
 # costs one more forward and backward pass per batch, and a slightly robust model needs few.
@@ -119,13 +120,20 @@ def claim_cache(cache_dir: str | os.PathLike, images: torch.Tensor, labels: torc
     and version that made it, and its name says none of that.
 
     Raises:
-        FileExistsError: ``cache_dir`` holds the progress of another build.
+        FileExistsError: ``cache_dir`` holds the progress of another build, or files that
+            uge-hf did not write (it neither writes beside them nor re-permissions them).
     """
+    marker = Path(cache_dir) / "build-identity"
+    # Another process of the run may be writing the marker: its temporary file is ours.
+    entries = sorted(p.name for p in Path(cache_dir).iterdir()) if Path(cache_dir).is_dir() else []
+    foreign = [e for e in entries if e != marker.name and not is_temporary_of(e, marker.name)]
+    if foreign and not marker.is_file():
+        raise FileExistsError(f"cache_dir {cache_dir} holds files uge-hf did not write ({', '.join(foreign[:5])}); pass a new or "
+                              "empty folder (it will hold θ0's trajectory: keep it private)")
     cache = private_dir(cache_dir)
     parts = [tensors_fingerprint({"images": images, "labels": labels}), *(k.fingerprint for k in keys), config.to_json(),
              str(backbone_fingerprint), __version__]
     identity = hashlib.sha256("/".join(parts).encode()).hexdigest()
-    marker = cache / "build-identity"
     if marker.exists() and marker.read_text() != identity:
         raise FileExistsError(f"cache_dir {cache} holds the progress of a build on other rows, keys or config (or another uge-hf "
                               "version); pass an empty cache_dir, or remove that one, to build afresh")

@@ -34,8 +34,10 @@ MANIFEST_NAME = ".uge_hf_manifest.json"
 # Where a run writes until it is complete (folder.claim_output); hidden, so load_dataset never reads it.
 STAGING_NAME = ".uge_hf_partial"
 DATA_FOLDERS = ("data", "arrow")
-# A file of a protected folder, besides the data files its metadata lists.
-PUBLIC_FILES = (CARD_NAME, METADATA_NAME, FIGURE_NAME)
+# What protect writes in a protected folder besides the data files its metadata lists; the
+# figure is evaluate --update-card's (record_figure).
+RUN_FILES = (CARD_NAME, METADATA_NAME)
+PUBLIC_FILES = (*RUN_FILES, FIGURE_NAME)
 STATE_MARKER = "run.json"
 STATE_ENTRIES = (STATE_MARKER, "build.json", "state", "cache", "progress")
 
@@ -68,6 +70,16 @@ def shards_by_split(shards: Iterable[str]) -> dict[str, list[str]]:
     return {split: [n for n in names if split_of(n) == split] for split in dict.fromkeys(map(split_of, names))}
 
 
+def is_data_file_name(name: object) -> bool:
+    """Whether ``name`` is a relative path inside the folder's ``data/`` or ``arrow/``: no
+    absolute path, ``..``, backslash or unnormalized part."""
+    if not isinstance(name, str):
+        return False
+    path = PurePosixPath(name)
+    return not ("\\" in name or path.is_absolute() or len(path.parts) < 2 or path.parts[0] not in DATA_FOLDERS
+                or any(part in ("", ".", "..") for part in path.parts) or str(path) != name)
+
+
 def check_data_file_name(name: str) -> str:
     """Refuse a data-file name that could point outside the folder's ``data/`` or ``arrow/``
     (an absolute path, ``..``, a device file): metadata may come from a download.
@@ -75,9 +87,7 @@ def check_data_file_name(name: str) -> str:
     Raises:
         TamperedShardError: naming the entry.
     """
-    path = PurePosixPath(name)
-    if ("\\" in name or path.is_absolute() or len(path.parts) < 2 or path.parts[0] not in DATA_FOLDERS
-            or any(part in ("", ".", "..") for part in path.parts) or str(path) != name):
+    if not is_data_file_name(name):
         raise TamperedShardError(f"the metadata lists a data file {name!r} outside data/ or arrow/; refusing to open it: "
                                  "the folder's uge_hf.json was tampered with")
     return name
@@ -104,13 +114,37 @@ def write_metadata(folder: Path, metadata: dict) -> None:
 
 
 def load_output(folder: str | os.PathLike) -> DatasetDict:
-    """Read a protected folder back, whichever layout it was written in."""
+    """Read a protected folder back, whichever layout it was written in.
+
+    Raises:
+        TamperedShardError: the Arrow layout's own files name a split or data file that the
+            metadata does not list (they may have come with a download).
+    """
     folder = Path(folder)
-    if read_metadata(folder).get("output_format") == "arrow":
+    metadata = read_metadata(folder)
+    if metadata.get("output_format") == "arrow":
         from datasets import load_from_disk
 
+        check_arrow_files(folder, metadata["shards"])
         return load_from_disk(str(folder / "arrow"))
-    return read_fresh(folder, read_metadata(folder)["shards"])
+    return read_fresh(folder, metadata["shards"])
+
+
+def check_arrow_files(folder: Path, shards: Iterable[str]) -> None:
+    """``load_from_disk`` opens the splits that ``arrow/dataset_dict.json`` names and the files
+    that each split's ``state.json`` names, as they are: refuse any but the listed ``shards``
+    (whose names :func:`read_metadata` checked and whose hashes ``verify`` checks)."""
+    listed = set(shards)
+    tampered = lambda what: TamperedShardError(f"{folder / 'arrow'} names {what}, which uge_hf.json does not list; refusing to "
+                                               "open it: the folder was tampered with")
+    splits = json.loads((folder / "arrow" / "dataset_dict.json").read_text()).get("splits", [])
+    for split in splits:
+        if not isinstance(split, str) or not any(n.startswith(f"arrow/{split}/") for n in listed):
+            raise tampered(f"a split {split!r}")
+        for entry in json.loads((folder / "arrow" / split / "state.json").read_text()).get("_data_files", []):
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or f"arrow/{split}/{name}" not in listed:
+                raise tampered(f"a data file {name!r} of split {split!r}")
 
 
 def read_fresh(folder: Path, shards: Iterable[str]) -> DatasetDict:
@@ -142,14 +176,40 @@ def _walk(folder: Path) -> list[str]:
 # -- ownership ----------------------------------------------------------------------------
 
 def _owned(out: Path) -> Optional[dict]:
-    """What uge-hf recorded as its own in ``out``: ``{"run_id", "files", "dirs"}``, or None."""
+    """What uge-hf recorded as its own in ``out``: ``{"run_id", "files", "dirs"}``, or None.
+
+    Raises:
+        TamperedShardError: the manifest names an entry uge-hf never writes (it may have come
+            with a download): nothing it lists is deleted or trusted.
+    """
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
-        return json.loads(manifest.read_text())
+        return _checked_manifest(manifest)
     if (out / METADATA_NAME).is_file():  # written by uge-hf 0.1.0, before manifests: its metadata lists its files
         metadata = read_metadata(out)
         return {"run_id": metadata.get("run_id"), "files": [CARD_NAME, METADATA_NAME, *metadata["shards"]], "dirs": []}
     return None
+
+
+def _checked_manifest(path: Path) -> dict:
+    """The manifest at ``path``, every entry one that uge-hf writes: a file of
+    :data:`PUBLIC_FILES` or under ``data/`` or ``arrow/``, a folder of :data:`DATA_FOLDERS`.
+    Overwriting deletes what a manifest lists, so a crafted one must not name anything else."""
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    entries = {"files": lambda n: n in PUBLIC_FILES or is_data_file_name(n), "stale": lambda n: n in PUBLIC_FILES or is_data_file_name(n),
+               "dirs": lambda n: n in DATA_FOLDERS, "stale_dirs": lambda n: n in DATA_FOLDERS}
+    bad = ["not a JSON object with a run_id and files"] if not (isinstance(record, dict) and isinstance(record.get("run_id"), str)
+                                                                  and isinstance(record.get("files"), list)) else \
+        [repr(n) for key, ok in entries.items() for n in (record.get(key) or []) if not ok(n)] + \
+        [f"{key} is not a list" for key in entries if not isinstance(record.get(key, []), list)]
+    if bad:
+        raise TamperedShardError(f"{path} lists what uge-hf never writes ({_listing(bad)}), so it was not written by uge-hf as it "
+                                 "is (a download may carry one); nothing it names is deleted. Choose another output_dir (--out), "
+                                 "or remove that folder's files by hand")
+    return record
 
 
 def _recorded(record: Optional[dict]) -> tuple[set[str], list[str]]:
@@ -175,6 +235,28 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 def _outside_staging(out: Path) -> list[str]:
     return [rel for rel in _walk(out) if PurePosixPath(rel).parts[0] != STAGING_NAME]
+
+
+def record_figure(out: Path) -> Path:
+    """Where ``uge-hf evaluate --update-card`` draws the efficacy figure of the protected folder
+    ``out``, recorded in the folder's manifest as uge-hf's before it is drawn (so that a later
+    run may replace it, and :func:`has_figure` lets it be published).
+
+    Raises:
+        FileExistsError: ``out`` holds an ``efficacy.png`` that uge-hf did not write.
+    """
+    record = _owned(out) or {"files": [], "dirs": []}
+    figure = out / FIGURE_NAME
+    if (figure.exists() or figure.is_symlink()) and FIGURE_NAME not in record["files"]:
+        raise FileExistsError(f"{figure} was not written by uge-hf, which never overwrites such a file: move it away and rerun")
+    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", "files": sorted({*record["files"], FIGURE_NAME})})
+    return figure
+
+
+def has_figure(out: Path) -> bool:
+    """Whether ``out`` holds an efficacy figure that uge-hf drew (:func:`record_figure`)."""
+    record = _owned(out)
+    return (out / FIGURE_NAME).is_file() and record is not None and FIGURE_NAME in record["files"]
 
 
 def published_run(out: Path) -> Optional[str]:

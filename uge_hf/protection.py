@@ -39,7 +39,7 @@ from .config import ProtectConfig
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
-from .folder import (MANIFEST_NAME, METADATA_NAME, PUBLIC_FILES, STAGING_NAME, STATE_MARKER, claim_output, claim_state, discard_staging,
+from .folder import (MANIFEST_NAME, METADATA_NAME, RUN_FILES, STAGING_NAME, STATE_MARKER, claim_output, claim_state, discard_staging,
                      load_output, lock_folder, publish_output, published_run, read_fresh, read_metadata, shard_name, shards_by_split,
                      split_of, staged_path, write_metadata)
 from .key import AuthorizedModel, authorized_keys
@@ -169,8 +169,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         The protected ``DatasetDict``, read back from ``output_dir``.
 
     Raises:
-        ValueError: bad input (columns, labels, an image that cannot work, naming its row),
-            found before any work; nothing is written.
+        ValueError: bad input (columns, labels, an image that cannot work, naming its row;
+            a ``state_dir`` inside ``output_dir``), found before any work; nothing is written.
         FileExistsError: ``output_dir`` or ``state_dir`` holds files uge-hf did not write, or
             another run without ``overwrite``.
         uge_hf.folder.RunInProgressError: another uge-hf process holds one of the folders.
@@ -230,7 +230,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         plan = shard_plan(len(data[name]), config.batch_size, shard_size)
         jobs += [(name, i, len(plan), rows) for i, rows in enumerate(plan)]
     copy_counts = {name: max(1, math.ceil(len(data[name]) / shard_size)) for name in copied}
-    files = [*PUBLIC_FILES, *(shard_name(n, i, c) for n, i, c, _ in jobs),
+    files = [*RUN_FILES, *(shard_name(n, i, c) for n, i, c, _ in jobs),
              *(shard_name(n, i, c) for n, c in copy_counts.items() for i in range(c))]
 
     temporary_state = state_dir is None and output_dir is None
@@ -240,6 +240,15 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise FileExistsError(f"output_dir {output_dir} is a file, not a folder; choose a new or empty folder (--out)")
     state_path = Path(state_dir) if state_dir is not None else (
         Path(tempfile.mkdtemp(prefix="uge-hf-state-")) if temporary_state else out.with_name(out.name + ".uge-state"))
+    if state_path.exists() and not state_path.is_dir():
+        raise FileExistsError(f"state_dir {state_path} is a file, not a folder; pass a new or empty folder as state_dir (the CLI "
+                              "puts it beside the output as OUT.uge-state: choose another --out, or move that file away)")
+    state_at = state_path.resolve()
+    if state_at == out or out in state_at.parents or state_at in out.parents:
+        # The output folder is what gets published; a state inside it would publish θ0.
+        raise ValueError(f"state_dir {state_dir} and output_dir {output_dir} overlap: the state holds θ0 and the output folder "
+                         "is what you publish; choose a state_dir outside the output folder (the CLI puts it beside it, "
+                         "as OUT.uge-state)")
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
     accelerator = PartialState(cpu=not torch.cuda.is_available())
     locks = ExitStack()

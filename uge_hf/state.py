@@ -58,7 +58,7 @@ def _json_or_empty(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-@dataclass
+@dataclass(repr=False)  # the fields hold θ0: see __repr__
 class SharedState:
     """Everything the transform needs besides the images: built by :func:`build_shared_state`,
     saved by :meth:`save_pretrained`, identified by :attr:`fingerprint`."""
@@ -79,6 +79,11 @@ class SharedState:
     retrained: list[list[list[dict[str, torch.Tensor]]]] = field(default_factory=list)
     image_size: tuple[int, int] = (32, 32)
     timings: dict[str, float] = field(default_factory=dict, compare=False)  # seconds per phase; not part of the state
+
+    def __repr__(self) -> str:
+        # No architecture, weights or timings: a printed state (a notebook's last line) must
+        # not show what the key is.
+        return f"SharedState(keys={len(self.key_fingerprints)}, retraining_rounds={len(self.retrained)}, fingerprint={self.fingerprint[:12]}…)"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
