@@ -235,8 +235,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
 
     temporary_state = state_dir is None and output_dir is None
     # Resolved, so that "." or ".." have a name for the state folder beside them.
-    out = Path(output_dir).resolve() if output_dir is not None else Path(tempfile.mkdtemp(prefix="uge-hf-"))
-    if out.exists() and not out.is_dir():
+    out = Path(output_dir).resolve() if output_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {output_dir} is a file, not a folder; choose a new or empty folder (--out)")
     state_path = Path(state_dir) if state_dir is not None else (
         Path(tempfile.mkdtemp(prefix="uge-hf-state-")) if temporary_state else out.with_name(out.name + ".uge-state"))
@@ -244,11 +244,12 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise FileExistsError(f"state_dir {state_path} is a file, not a folder; pass a new or empty folder as state_dir (the CLI "
                               "puts it beside the output as OUT.uge-state: choose another --out, or move that file away)")
     state_at = state_path.resolve()
-    if state_at == out or out in state_at.parents or state_at in out.parents:
+    if out is not None and (state_at == out or out in state_at.parents or state_at in out.parents):
         # The output folder is what gets published; a state inside it would publish θ0.
         raise ValueError(f"state_dir {state_dir} and output_dir {output_dir} overlap: the state holds θ0 and the output folder "
                          "is what you publish; choose a state_dir outside the output folder (the CLI puts it beside it, "
                          "as OUT.uge-state)")
+    out = out or Path(tempfile.mkdtemp(prefix="uge-hf-"))
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
     accelerator = PartialState(cpu=not torch.cuda.is_available())
     locks = ExitStack()
