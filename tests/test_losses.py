@@ -28,6 +28,18 @@ def test_gradient_matching_grows_with_perturbation_and_is_differentiable():
     assert grad.abs().sum() > 0
 
 
+def test_gradient_matching_differentiates_through_attention():
+    """A ViT key: the matching loss needs a second derivative through attention, which the
+    fused CPU kernel lacks."""
+    model = create_model("vit-micro", num_classes=10)
+    weights = {k: v.detach() for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    x_u = (x + 0.03 * torch.randn_like(x)).requires_grad_(True)
+    loss = gradient_matching_loss(model, weights, x, x_u, y)
+    (grad,) = torch.autograd.grad(loss, x_u)
+    assert loss.item() > 0 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_classwise_gradient_matching_averages_each_class_batch():
     x_u = (X + (torch.rand_like(X) * 2 - 1) * 0.3).clamp(0, 1)
     assert gradient_matching_loss(NET, WEIGHTS, X, X.clone(), Y, classwise=True).item() < 1e-5

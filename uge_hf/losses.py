@@ -24,6 +24,7 @@ Every term takes clean images ``x``, protected images ``x_u`` (a function of δ)
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Sequence
 
 import kornia
@@ -31,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data import jpeg
 
@@ -49,8 +51,11 @@ def parameter_gradients(module: nn.Module, weights: dict[str, torch.Tensor], nam
     statistics of a checkpoint are never updated by the perturbation search.
     """
     params = {n: weights[n].detach().requires_grad_(True) for n in names}
-    loss = F.cross_entropy(call_at(module, {**weights, **params}, x), y)
-    return torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
+    # Attention's fused CPU kernels have no second derivative, which matching needs: with
+    # create_graph, attention runs as plain matrix products (a ViT key; nothing else changes).
+    with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
+        loss = F.cross_entropy(call_at(module, {**weights, **params}, x), y)
+        return torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
 
 
 def call_at(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
