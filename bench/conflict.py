@@ -14,7 +14,7 @@ A setting without matching (``lambda_gm=0``) shows how far the misalignment alon
 gradients; one without misalignment (``lambda_fd=0``) how low matching alone gets them. Where the
 default lands between the two says how much the two terms conflict for that architecture.
 
-    python bench/conflict.py   # convnet and resnet-small keys: bench/results/conflict.json
+    python bench/conflict.py   # five key architectures, about 10 min on 2 cores: bench/results/conflict.json
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=8, help="the key's trajectory")
-    parser.add_argument("--keys", type=lambda s: s.split(","), default=["convnet", "resnet-small"])
+    parser.add_argument("--keys", type=lambda s: s.split(","), default=["convnet", "resnet-small", "vgg-small", "densenet-small", "vit-tiny"])
     parser.add_argument("--settings", type=lambda s: s.split("|"), default=SETTINGS,
                         help="'|'-separated; each 'FIELD=VALUE;FIELD=VALUE' over the default (empty: the default)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-conflict")
