@@ -28,7 +28,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ABLATION_HACKERS = ("vgg-small", "densenet-small", "mixer-small")
 SCREEN_HACKERS = ("vgg-small", "densenet-small", "vit-tiny")
 # CPU runs of the efficacy protocol: (file, the one-key variants read from it).
-CPU_EFFICACY = (("efficacy_cpu_two_keys_n5000.json", ("default",)), ("efficacy_cpu_retrain1_n5000.json", ("retrain1",)))
+CPU_EFFICACY = (("efficacy_cpu_two_keys_n5000.json", ("default",)), ("efficacy_cpu_retrain1_n5000.json", ("retrain1",)),
+                ("efficacy_cpu_retrain2_n5000.json", ("retrain2",)), ("efficacy_cpu_retrain3_n5000.json", ("retrain3",)),
+                ("efficacy_cpu_retrain1_momentum_n5000.json", ("retrain1-momentum",)))
 GOAL_KEY, GOAL_MEAN = 0.95, 0.40  # issue 9: the key keeps >= 0.95, the mean hacker <= 0.40
 
 
