@@ -32,7 +32,7 @@ from .objective import Objective
 from .parallel import Ranks, data_parallel_gradients
 from .state import SharedState
 from .training import RECIPES, TrainConfig, to_float, train_model
-from .utils import (atomic_write, default_device, is_temporary_of, module_fingerprint, private_dir, progress_bar, seeded_generator,
+from .utils import (atomic_write, default_device, foreign_entries, module_fingerprint, private_dir, progress_bar, seeded_generator,
                     tensors_fingerprint)
 
 # PGD steps of the surrogates' adversarial training (ProtectConfig.surrogate_epsilon): each
@@ -125,8 +125,7 @@ def claim_cache(cache_dir: str | os.PathLike, images: torch.Tensor, labels: torc
     """
     marker = Path(cache_dir) / "build-identity"
     # Another process of the run may be writing the marker: its temporary file is ours.
-    entries = sorted(p.name for p in Path(cache_dir).iterdir()) if Path(cache_dir).is_dir() else []
-    foreign = [e for e in entries if e != marker.name and not is_temporary_of(e, marker.name)]
+    foreign = foreign_entries(sorted(p.name for p in marker.parent.iterdir()) if marker.parent.is_dir() else [], [marker.name])
     if foreign and not marker.is_file():
         raise FileExistsError(f"cache_dir {cache_dir} holds files uge-hf did not write ({', '.join(foreign[:5])}); pass a new or "
                               "empty folder (it will hold θ0's trajectory: keep it private)")

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional
 
 from datasets import DatasetDict, load_dataset
 
-from .utils import atomic_write, is_temporary_of, private_dir
+from .utils import atomic_write, foreign_entries, is_temporary_of, private_dir
 
 METADATA_NAME = "uge_hf.json"
 CARD_NAME = "README.md"
@@ -199,12 +199,15 @@ def _checked_manifest(path: Path) -> dict:
         record = json.loads(path.read_text())
     except ValueError:
         record = None
-    entries = {"files": lambda n: n in PUBLIC_FILES or is_data_file_name(n), "stale": lambda n: n in PUBLIC_FILES or is_data_file_name(n),
-               "dirs": lambda n: n in DATA_FOLDERS, "stale_dirs": lambda n: n in DATA_FOLDERS}
-    bad = ["not a JSON object with a run_id and files"] if not (isinstance(record, dict) and isinstance(record.get("run_id"), str)
-                                                                  and isinstance(record.get("files"), list)) else \
-        [repr(n) for key, ok in entries.items() for n in (record.get(key) or []) if not ok(n)] + \
-        [f"{key} is not a list" for key in entries if not isinstance(record.get(key, []), list)]
+    is_file = lambda n: n in PUBLIC_FILES or is_data_file_name(n)
+    is_dir = lambda n: n in DATA_FOLDERS
+    if not (isinstance(record, dict) and isinstance(record.get("run_id"), str) and isinstance(record.get("files"), list)):
+        bad = ["not a JSON object with a run_id and files"]
+    else:
+        lists = {key: record.get(key, []) for key in ("files", "stale", "dirs", "stale_dirs")}
+        bad = [f"{key} is not a list" for key, names in lists.items() if not isinstance(names, list)]
+        bad += [repr(n) for key, names in lists.items() if isinstance(names, list)
+                for n in names if not (is_dir if key.endswith("dirs") else is_file)(n)]
     if bad:
         raise TamperedShardError(f"{path} lists what uge-hf never writes ({_listing(bad)}), so it was not written by uge-hf as it "
                                  "is (a download may carry one); nothing it names is deleted. Choose another output_dir (--out), "
@@ -383,7 +386,7 @@ def claim_state(state: Path, run_id: str, overwrite: bool) -> Callable[[], None]
     """
     entries = sorted(p.name for p in state.iterdir()) if state.is_dir() else []
     marker = state / STATE_MARKER
-    foreign = [e for e in entries if e not in STATE_ENTRIES and not any(is_temporary_of(e, n) for n in STATE_ENTRIES)]
+    foreign = foreign_entries(entries, STATE_ENTRIES)
     if entries and (foreign or not marker.is_file()):
         raise FileExistsError(f"state_dir {state} holds files uge-hf did not write ({_listing(foreign or entries)}); "
                               "pass a new or empty state_dir (it will hold θ0: keep it private); the CLI puts it beside "

@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
 from .config import ProtectConfig
-from .utils import atomic_write, is_temporary_of, private_dir, tensors_fingerprint
+from .utils import atomic_write, foreign_entries, private_dir, tensors_fingerprint
 
 STATE_WEIGHTS = "state.safetensors"
 STATE_CONFIG = "state.json"
@@ -43,7 +43,7 @@ def check_state_folder(directory: str | os.PathLike) -> None:
     if not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder: save the state into a new or empty folder")
     entries = sorted(p.name for p in path.iterdir())
-    foreign = [e for e in entries if e not in STATE_FILES and not any(is_temporary_of(e, n) for n in STATE_FILES)]
+    foreign = foreign_entries(entries, STATE_FILES)
     ours = (path / STATE_CONFIG).is_file() and "key_fingerprints" in _json_or_empty(path / STATE_CONFIG)
     if foreign or (entries and not ours):
         raise FileExistsError(f"{path} holds files uge-hf did not write ({', '.join(foreign or entries)}); save the state "

@@ -97,6 +97,13 @@ def is_temporary_of(candidate: str, name: str) -> bool:
     return candidate.startswith(prefix) and candidate[len(prefix):].isdigit()
 
 
+def foreign_entries(entries: Iterable[str], names: Iterable[str]) -> list[str]:
+    """The ``entries`` of a folder that are neither one of uge-hf's ``names`` nor a temporary
+    file of one (a writer killed mid-write, or another process writing it now)."""
+    names = set(names)
+    return [e for e in entries if e not in names and not any(is_temporary_of(e, n) for n in names)]
+
+
 def private_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and its missing parents) readable by its owner only: 0700.
 
