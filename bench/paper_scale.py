@@ -126,13 +126,19 @@ def plan_run(args, timings: dict, perturb_s: float, decode_s: float, n: int, con
     """The most epochs (at most --epochs) and the fewest cuts that fit the budget.
 
     Predicted seconds = now + protect (surrogates, the trajectory per epoch, the search,
-    decoding and encoding) + every training (epochs x (steps + one test evaluation)) + a
+    decoding and encoding; with ``retrain_rounds``, each round's search over the fit rows and
+    its key training per epoch) + every training (epochs x (steps + one test evaluation)) + a
     reserve, with a 10 % margin on what scales with the epochs. Rows are cut until at least
     --min-epochs fit; if even the smallest panel does not fit beside the search, the search's
     steps are cut in proportion (at least 1: protect itself cannot stop half-way)."""
     steps = math.ceil(n / RECIPES[args.recipe].batch_size)
     epoch_s = {a: t["step_s"] * steps + t["eval_s"] for a, t in timings.items()}
-    io_s = n * 5 * decode_s + args.reserve_s  # protect decodes each row 3 times and encodes it once; reading back once more
+    # Each retraining round protects the fit rows once more and trains the key on them for as many
+    # epochs as its trajectory. Round r searches r + 1 times per row, the final protection (what
+    # perturb_s timed) rounds + 1 times: the rounds' searches cost fit_n * rounds / 2 rows of it.
+    fit_n = min(n, config.fit_sample or n)
+    rounds, fit_steps = config.retrain_rounds, math.ceil(fit_n / RECIPES[args.recipe].batch_size)
+    io_s = (n + rounds * fit_n) * 5 * decode_s + args.reserve_s  # protect decodes each row 3 times and encodes it once; reading back once more
     surrogates_s = sum(config.surrogate_epochs * timings[s]["step_s"] * steps for s in config.surrogates)
     jobs = [(m, "none", d) for m in panel for d in ("clean", "protected")]
     hackers = panel[2:]
@@ -141,10 +147,11 @@ def plan_run(args, timings: dict, perturb_s: float, decode_s: float, n: int, con
         levels.append((f"{' and '.join(args.attacks[k:])} rows", jobs + [(h, a, "protected") for a in args.attacks[:k] for h in hackers]))
     for k in range(len(hackers) - 1, 0, -1):  # then hackers, from the end
         levels.append((f"attack rows and hackers {', '.join(hackers[k:])}", [j for j in jobs if j[0] in panel[:2] + hackers[:k]]))
-    per_epoch = lambda todo: 1.1 * (timings[args.key_arch]["step_s"] * steps + sum(epoch_s[arch_of(m, args)] for m, _, _ in todo))
+    key_epoch_s = timings[args.key_arch]["step_s"] * (steps + rounds * fit_steps)  # the trajectory and each round's training
+    per_epoch = lambda todo: 1.1 * (key_epoch_s + sum(epoch_s[arch_of(m, args)] for m, _, _ in todo))
     least = min(args.min_epochs, args.epochs)
     left = args.budget_s - elapsed() - io_s - surrogates_s
-    search_steps, search_s = config.steps, n * perturb_s
+    search_steps, search_s = config.steps, (n + fit_n * rounds / 2) * perturb_s
     room = left - least * per_epoch(levels[-1][1])
     if search_s > room:
         search_steps = max(1, int(config.steps * max(0.0, room) / search_s))

@@ -11,7 +11,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 
 from uge_hf import ProtectConfig, UGETransform, protect
 from uge_hf.config import parse_epsilon
-from uge_hf.data import load_tensors
+from uge_hf.data import DecodedRows, load_tensors, to_pixels
 from uge_hf.state import SharedState
 from uge_hf.utils import sha256_file
 
@@ -492,6 +492,23 @@ def test_retraining_round_trains_the_key_on_the_protected_fit_rows_and_searches_
         ProtectConfig(mode="generator", retrain_rounds=1)
     with pytest.raises(FileExistsError, match="holds the progress of a build on other rows, keys or config"):
         UGETransform.fit(rows, key, replace(config, steps=3), cache_dir=tmp_path / "cache", verbose=False)  # stale trainings refused
+
+
+def test_decoded_rows_decode_only_the_rows_sliced(small_train):
+    """A retraining round reads its fit rows batch by batch: a slice decodes that slice alone (a
+    process of a distributed run decodes its own batches), so a broken row outside it is never
+    touched, and one inside it is named."""
+    raw = small_train.select(range(8)).cast_column("img", Image(decode=False))
+    items = list(raw["img"])
+    items[5] = {"bytes": b"not an image", "path": None}
+    ds = Dataset.from_dict({"img": items, "label": raw["label"]}, features=raw.features).cast_column("img", Image())
+    rows = DecodedRows(ds, "img", range(8), lambda img: torch.from_numpy(to_pixels(img, 3)))
+
+    head = rows[0:4]
+    assert len(rows) == 8 and torch.equal(torch.stack(head), load_tensors(small_train.select(range(4)), "img", "label", 3, verbose=False)[0])
+    assert torch.equal(rows[2], head[2]) and torch.equal(rows[-5], head[-1])
+    with pytest.raises(ValueError, match="row 5 of column 'img' is not a decodable image"):
+        rows[4:8]
 
 
 def test_retraining_round_trains_on_the_fit_rows_as_the_shards_publish_them(cifar, key, tmp_path):

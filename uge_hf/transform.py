@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from . import __version__
 from .config import ProtectConfig
-from .data import decode_rows, encode_png, find_columns, label_tensor, load_tensors, pil_image, to_pixels, validate_labels
+from .data import DecodedRows, encode_png, find_columns, label_tensor, load_tensors, pil_image, to_pixels, validate_labels
 from .fitting import Checkpoints, Generator, build_generator, build_shared_state, resumable_training, trajectory_recipe
 from .key import AuthorizedModel, authorized_keys
 from .objective import Objective, frozen, signed_gradient_search
@@ -146,15 +146,14 @@ class UGETransform:
         ranks = Ranks.current()
         cache = private_dir(cache_dir) if cache_dir is not None else None
         recipe, batch, fit_rows = trajectory_recipe(self.config), self.batch_size, len(labels)
-        clean: Optional[tuple[list[torch.Tensor], torch.Tensor]] = None  # decoded once, when a round must protect
+        clean: Optional[tuple[DecodedRows, torch.Tensor]] = None  # read when a round must protect
         for r in range(rounds):
             names = [f"retrained-{r}-{i}" for i in range(len(keys))]
             protected = None  # unread when every training of the round is in the cache
             if not all(Checkpoints(cache, name, ranks).is_finished() for name in names):
                 if clean is None:  # the shards' batches: whole ones from row 0, each image as a shard decodes it
                     rows = range(min(len(dataset), -(-fit_rows // batch) * batch))
-                    clean = [self.pixels(img) for img in decode_rows(dataset, self.image_column, rows)], \
-                        label_tensor(dataset, self.label_column, rows)
+                    clean = DecodedRows(dataset, self.image_column, rows, self.pixels), label_tensor(dataset, self.label_column, rows)
                 out = self.perturb_rows(*clean, desc=f"retraining round {r + 1}: protect fit rows", verbose=verbose and ranks.is_main,
                                         ranks=ranks)
                 protected = torch.stack([torch.from_numpy(to_pixels(pil_image(p.numpy()), self.state.in_channels, size))
@@ -264,7 +263,9 @@ class UGETransform:
         """Protect rows in batches of :attr:`batch_size` from the first, as a shard does (shards
         start on a batch boundary): ``uint8`` ``(C, H, W)`` images and ``int64`` labels ``(N,)``
         in, ``uint8`` protected images out, the same bytes as in the published shards. With
-        ``ranks``, every process of the group protects its share of the batches and gets all."""
+        ``ranks``, every process of the group protects its share of the batches and gets all;
+        ``images`` is only sliced batch by batch, so a :class:`~uge_hf.data.DecodedRows`
+        decodes no more than this process's share."""
         size, count = self.batch_size, -(-len(labels) // self.batch_size)
         bar = progress_bar(total=len(range(ranks.index, count, ranks.count)), desc=desc, verbose=verbose)
 
