@@ -231,8 +231,8 @@ def decode_rows(dataset: Dataset, image_column: str, rows: Sequence[int]) -> lis
 class DecodedRows(Sequence[torch.Tensor]):
     """The images of ``rows`` of ``dataset``, each decoded and passed through ``convert`` when
     indexed or sliced, not before: a process of a distributed run decodes only the batches it
-    protects, and memory holds a batch of decoded images rather than every row (50,000 rows at
-    224 px would be 7.5 GB in each process)."""
+    protects, and the decoded clean rows are dropped batch by batch instead of all held beside
+    the protected ones (50,000 rows at 224 px are 7.5 GB in each process)."""
 
     def __init__(self, dataset: Dataset, image_column: str, rows: range, convert: Callable[[Any], torch.Tensor]):
         self.dataset, self.image_column, self.rows, self.convert = dataset, image_column, rows, convert
@@ -240,7 +240,7 @@ class DecodedRows(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int | slice) -> Any:
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(index, slice):
             return [self.convert(img) for img in decode_rows(self.dataset, self.image_column, self.rows[index])]
         return self.convert(decode_rows(self.dataset, self.image_column, [self.rows[index]])[0])
