@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from efficacy import DATA, balanced_prefix
+from efficacy import load_protocol, protocol_arguments
 from robustness import cached_rows, protected_rows, setting
 
 from uge_hf import AuthorizedModel, ProtectConfig
@@ -171,10 +171,7 @@ def summarize(trainings: dict, variant: str, arch: str, models: list[str]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="screening proxy: 2,000 rows, 5,000 test images, 8 epochs")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--test", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=15)
+    protocol_arguments(parser)
     parser.add_argument("--eval-every", type=int, default=3)
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "uge-hf-bench")
@@ -189,15 +186,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; available: {', '.join(VARIANTS)}")
 
-    from datasets import load_dataset
-
     session = time.perf_counter()
-    ds = load_dataset(str(args.data))
-    train_labels = np.asarray(ds["train"]["label"])
-    rows = balanced_prefix(train_labels, args.n)
-    clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
-    reference = load_tensors(ds["train"], "img", "label", 3, rows=range(len(train_labels) - args.n, len(train_labels)), verbose=False)[0]
-    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
+    ds, rows, clean, test = load_protocol(args)
+    total = len(ds["train"])
+    reference = load_tensors(ds["train"], "img", "label", 3, rows=range(total - args.n, total), verbose=False)[0]
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "siblings": SIBLINGS,
                 "orders": ORDERS, "hackers": HACKERS, "key_seed": 0, "epsilon": 8 / 255}
     payload = {"protocol": protocol, "variants": {}, "trainings": [], "elapsed_s": 0.0}

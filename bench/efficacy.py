@@ -122,6 +122,28 @@ def balanced_prefix(labels: np.ndarray, n: int, num_classes: int = 10) -> list[i
     return rows
 
 
+def protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The protocol's options, shared by the benchmarks that follow it: the data folder, the
+    class-balanced training rows, the test images and the epochs of every training."""
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--n", type=int, default=5000)
+    parser.add_argument("--test", type=int, default=10000)
+    parser.add_argument("--epochs", type=int, default=15)
+
+
+def load_protocol(args: argparse.Namespace) -> tuple:
+    """The protocol's data for ``args`` (:func:`protocol_arguments`): the ``DatasetDict``, the
+    class-balanced prefix of ``--n`` training rows, those rows and the first ``--test`` test
+    images, each as ``uint8`` images ``(N, 3, H, W)`` and ``int64`` labels."""
+    from datasets import load_dataset
+
+    ds = load_dataset(str(args.data))
+    rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
+    clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
+    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
+    return ds, rows, clean, test
+
+
 def check_budget(protected: torch.Tensor, clean: torch.Tensor, config: ProtectConfig) -> None:
     """Every protected ``uint8`` pixel within ε (in 8-bit levels) of its clean one."""
     assert (protected.int() - clean.int()).abs().max() <= config.epsilon_levels, "L-inf bound violated"
@@ -191,10 +213,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--test", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=15)
+    protocol_arguments(parser)
     parser.add_argument("--key", default="convnet", help="the benchmark key's architecture (seed 0); a variant's further keys follow it")
     parser.add_argument("--hackers", type=lambda s: s.split(","), default=list(DEFAULT_HACKERS))
     parser.add_argument("--variants", type=lambda s: s.split(","), default=["default", "generator"])
@@ -226,13 +245,8 @@ def main() -> None:
         recorded.write_text(json.dumps(setting) + "\n")
     log = TrainingLog(args.resume_dir)
 
-    from datasets import load_dataset
-
     torch.set_num_threads(args.threads)
-    ds = load_dataset(str(args.data))
-    rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
-    clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
-    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
+    _, rows, clean, test = load_protocol(args)
     key = AuthorizedModel.create(args.key, num_classes=10, seed=0)
     # What a clean baseline depends on (besides the key): another run's is reused only if it matches.
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every,

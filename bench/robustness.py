@@ -32,9 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from efficacy import DATA, balanced_prefix, check_budget, config_override
+from efficacy import check_budget, config_override, load_protocol, protocol_arguments
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.attacks import get_attack
@@ -151,10 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a proxy of a few minutes: 1,000 rows, 1,000 test images, 4 epochs, "
                         "the fast preset, two hackers, fewer defenses")
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--test", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=15)
+    protocol_arguments(parser)
     parser.add_argument("--eval-every", type=int, default=3, help="test after every k-th epoch and the last; best epoch among those "
                         "(a 10k-image test costs about one training epoch on 2 cores)")
     parser.add_argument("--hackers", type=lambda s: s.split(","), default=["vgg-small", "densenet-small", "mixer-small", "vit-tiny"],
@@ -185,14 +181,9 @@ def main() -> None:
     for name in strong + others + recipes:
         get_attack(name)
 
-    from datasets import load_dataset
-
     torch.set_num_threads(args.threads)
     session = time.perf_counter()
-    ds = load_dataset(str(args.data))
-    rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
-    clean = load_tensors(ds["train"], "img", "label", 3, rows=rows, verbose=False)
-    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
+    ds, rows, clean, test = load_protocol(args)
     key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
     config = ProtectConfig.preset(args.preset, **{"trajectory_epochs": args.epochs, **dict(args.set)})
     protocol = {"n": len(rows), "test": len(test[1]), "epochs": args.epochs, "eval_every": args.eval_every, "hackers": args.hackers,

@@ -21,13 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from datasets import load_dataset
-from efficacy import DATA, balanced_prefix
+from efficacy import load_protocol, protocol_arguments
 
 from uge_hf import AuthorizedModel, ProtectConfig, UGETransform
-from uge_hf.data import load_tensors
 from uge_hf.evaluation import Evaluation, evaluate_tensors
 from uge_hf.training import TrainConfig
 
@@ -40,21 +37,15 @@ def thinned(trajectory: list, stride: int) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--test", type=int, default=10000)
-    parser.add_argument("--epochs", type=int, default=15)
+    protocol_arguments(parser)
     parser.add_argument("--eval-every", type=int, default=3)
     parser.add_argument("--stride", type=int, default=2)
     parser.add_argument("--hackers", type=lambda s: s.split(","), default=["vgg-small"])
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "spacing.json")
     args = parser.parse_args()
 
-    ds = load_dataset(str(args.data))
-    rows = balanced_prefix(np.asarray(ds["train"]["label"]), args.n)
+    ds, rows, clean, test = load_protocol(args)
     train = ds["train"].select(rows)
-    clean = load_tensors(train, "img", "label", 3, verbose=False)
-    test = load_tensors(ds["test"], "img", "label", 3, rows=range(min(args.test, len(ds["test"]))), verbose=False)
     key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
     recipe = TrainConfig(epochs=args.epochs)
 

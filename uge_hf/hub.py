@@ -20,7 +20,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .card import render_card
-from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, METADATA_NAME, TamperedShardError, folder_features, has_figure, load_output,
+from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, RUN_FILES, TamperedShardError, folder_features, has_figure, load_output,
                      read_metadata, shards_by_split, unlisted_files)
 from .key import AuthorizedModel, looks_like_repo_id, refuse_public_repo
 from .utils import sha256_file
@@ -34,7 +34,7 @@ def published_files(folder: Path) -> list[str]:
     """What a protected folder publishes, relative to it: the card, ``uge_hf.json``, the
     efficacy figure if uge-hf drew one there, and the data files listed in the metadata (never the
     shared state, which holds θ0, nor anything else in the folder)."""
-    names = [CARD_NAME, METADATA_NAME] + ([FIGURE_NAME] if has_figure(folder) else [])
+    names = [*RUN_FILES] + ([FIGURE_NAME] if has_figure(folder) else [])
     return names + sorted(read_metadata(folder)["shards"])
 
 
