@@ -127,14 +127,19 @@ def test_the_hacker_panel_in_the_help_is_the_real_one():
     assert HACKERS_HELP.split(",") == list(DEFAULT_HACKERS)
 
 
-def test_the_fast_preset_in_the_help_is_the_real_one():
+def test_the_presets_in_the_help_are_the_real_ones():
     from uge_hf import ProtectConfig
     from uge_hf.cli import build_parser
+    from uge_hf.config import LARGE_DATASET_ROWS, PRESETS
 
-    fast = ProtectConfig.preset("fast")
+    fast, large = ProtectConfig.preset("fast"), ProtectConfig.preset("large")
     preset = next(a for a in build_parser()._subparsers._group_actions[0].choices["protect"]._actions if a.dest == "preset")
+    assert preset.choices == list(PRESETS)
     assert (fast.steps, len(fast.surrogates), fast.trajectory_epochs) == (4, 1, 2)
     assert "4 steps, one surrogate, a 2-epoch key trajectory" in preset.help
+    default = ProtectConfig()
+    assert large.lambda_gm == 3 * default.lambda_gm and large.gm_every == 1
+    assert f"large: for {LARGE_DATASET_ROWS:,} rows and more" in preset.help and "3x the matching weight, on every step" in preset.help
 
 
 def test_bad_resize_and_missing_key_are_one_line_errors(tmp_path):

@@ -633,6 +633,26 @@ def test_a_run_without_the_misalignment_is_flagged_as_unprotected(tmp_path, rows
         protect(rows, key, replace(fast, lambda_fd=0.0), splits=[], output_dir=tmp_path / "o", verbose=False)
 
 
+def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path, cifar, key):
+    import warnings
+
+    from uge_hf.config import LARGE_DATASET_ROWS
+
+    large = cifar["train"].select(range(LARGE_DATASET_ROWS))
+    # A state inside the output is refused right after the advice, before anything is written.
+    overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
+    with pytest.warns(UserWarning, match=r"10000 rows .* loses the key's learnability .* preset large"), \
+            pytest.raises(ValueError, match="overlap"):
+        protect(large, key, ProtectConfig(), **overlapping)
+    assert not (tmp_path / "o").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no advice where the matching is strong enough, or the rows few enough
+        for rows, config in ((large, ProtectConfig.preset("large")), (large, ProtectConfig.preset("key-first")),
+                             (large.select(range(LARGE_DATASET_ROWS - 1)), ProtectConfig())):
+            with pytest.raises(ValueError, match="overlap"):
+                protect(rows, key, config, **overlapping)
+
+
 def test_no_split_to_protect_and_a_file_as_output_are_clear_errors(tmp_path, rows, key, fast):
     with pytest.raises(ValueError, match="splits is empty: nothing to protect; name at least one of: train"):
         protect(DatasetDict({"train": rows}), key, fast, splits=[], output_dir=tmp_path / "o", verbose=False)

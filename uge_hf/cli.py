@@ -34,6 +34,8 @@ def _keygen(args) -> int:
 
 # uge_hf.models.DEFAULT_HACKERS, spelled out so that --help need not import torch (a test keeps them equal).
 HACKERS_HELP = "resnet-small,vgg-small,mobilenet-small,densenet-small,mixer-small"
+# uge_hf.config.PRESETS' names, likewise.
+PRESET_NAMES = ["default", "key-first", "fast", "large"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -229,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "copied unprotected")
     p.add_argument("--limit", type=positive_int, help="protect only the first N rows of --split (default split: train)")
     p.add_argument("--epsilon", help="L-inf budget on the 0-1 pixel scale, e.g. 8/255 or 0.0314 (default of the preset: 8/255)")
-    p.add_argument("--preset", default="default", choices=["default", "fast", "key-first"],
-                   help="default: the benchmarked setting; fast: a quick, weaker setting for tries (4 steps, one surrogate, a 2-epoch key trajectory, so the key trains 2 epochs); key-first: favors the key")
+    p.add_argument("--preset", default="default", choices=PRESET_NAMES,
+                   help="default: the benchmarked setting; fast: a quick, weaker setting for tries (4 steps, one surrogate, a 2-epoch key "
+                   "trajectory, so the key trains 2 epochs); key-first: favors the key; large: for 10,000 rows and more, where the "
+                   "default loses the key (3x the matching weight, on every step)")
     p.add_argument("--mode", choices=["per-sample", "generator"], help="override the preset's perturbation mode")
     p.add_argument("--steps", type=int, help="override the preset's search steps per batch")
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")

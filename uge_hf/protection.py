@@ -35,7 +35,7 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 
 from . import __version__
 from .card import write_card
-from .config import ProtectConfig
+from .config import ProtectConfig, large_dataset_advice
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
@@ -220,6 +220,9 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     fit_split = fit_split or ("train" if "train" in splits else splits[0])
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
+    advice = large_dataset_advice(len(data[fit_split]), config)
+    if advice:
+        warnings.warn(advice, stacklevel=2)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])
