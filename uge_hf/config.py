@@ -289,10 +289,11 @@ PRESETS: dict[str, dict] = {
     "key-first": dict(lambda_gm=3.0, gm_every=1, steps=20),
     "fast": dict(steps=4, trajectory_epochs=2, surrogates=("vgg-tiny",), surrogate_epochs=2, generator_sample=200, generator_epochs=3),
     # For datasets of LARGE_DATASET_ROWS rows and more, where the default loses the key: three
-    # times the matching weight on every step. At 20,000 CIFAR-10 rows it kept 0.70 of a convnet
-    # key's clean accuracy against the default's 0.46, vgg-small 0.27 against 0.18
-    # (bench/results/efficacy_cpu_n20000_gm3.json), and 1.02 of a ResNet-18 key's on one H200,
-    # vgg16 0.46 (bench/results/paper_scale_h200_n20000_gm3.json). At 5,000 rows it lets hackers
+    # times the matching weight on every step. It kept 0.90 of a convnet key's clean accuracy at
+    # 10,000 CIFAR-10 rows against the default's 0.78 (vgg-small 0.34 against 0.25), 0.70 at
+    # 20,000 against 0.46 (vgg-small 0.27 against 0.18; bench/results/efficacy_cpu_n*_gm3.json),
+    # and 1.02 of a ResNet-18 key's at 20,000 on one H200, vgg16 0.46
+    # (bench/results/paper_scale_h200_n20000_gm3.json). At 5,000 rows it lets hackers
     # keep more than the default does (0.51-0.82 against 0.37-0.66), hence not the default.
     "large": dict(lambda_gm=3.0, gm_every=1),
 }
@@ -325,5 +326,5 @@ def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
             f"gm_every={config.gm_every}): from {LARGE_DATASET_ROWS} rows up this setting loses the key's learnability (on "
             "CIFAR-10 the default's key keeps 0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000). "
             "The preset large (ProtectConfig.preset('large'), uge-hf protect --preset large: lambda_gm=3, gm_every=1) kept "
-            "0.70 of a convnet key's and 1.02 of a ResNet-18 key's at 20,000 rows; use it, and check the key with "
+            "0.90 of a convnet key's at 10,000 rows, 0.70 at 20,000, and 1.02 of a ResNet-18 key's at 20,000; use it, and check the key with "
             "uge-hf evaluate before publishing")
