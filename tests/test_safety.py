@@ -641,16 +641,23 @@ def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path,
     large = cifar["train"].select(range(LARGE_DATASET_ROWS))
     # A state inside the output is refused right after the advice, before anything is written.
     overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
-    with pytest.warns(UserWarning, match=r"10000 rows .* loses the key's learnability .* preset large"), \
+    with pytest.warns(UserWarning, match=r"10,000 rows with a gradient-matching weight of 0.5 per step and key, below the preset "
+                      r"large's 3: .* lost the key's learnability .* Pass ProtectConfig.preset\('large'\)"), \
             pytest.raises(ValueError, match="overlap"):
         protect(large, key, ProtectConfig(), **overlapping)
+    # Two keys taking turns: each is matched at half the preset's weight.
+    partner = AuthorizedModel.create("convnet", num_classes=10, seed=1)
+    with pytest.warns(UserWarning, match=r"weight of 1.5 per step and key, below the preset large's 3"), \
+            pytest.raises(ValueError, match="overlap"):
+        protect(large, [key, partner], ProtectConfig.preset("large"), **overlapping)
     assert not (tmp_path / "o").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no advice where the matching is strong enough, or the rows few enough
-        for rows, config in ((large, ProtectConfig.preset("large")), (large, ProtectConfig.preset("key-first")),
-                             (large.select(range(LARGE_DATASET_ROWS - 1)), ProtectConfig())):
+        for rows, keys, config in ((large, key, ProtectConfig.preset("large")), (large, key, ProtectConfig.preset("key-first")),
+                                   (large, [key, partner], ProtectConfig.preset("large", match_every_key=True)),
+                                   (large.select(range(LARGE_DATASET_ROWS - 1)), key, ProtectConfig())):
             with pytest.raises(ValueError, match="overlap"):
-                protect(rows, key, config, **overlapping)
+                protect(rows, keys, config, **overlapping)
 
 
 def test_no_split_to_protect_and_a_file_as_output_are_clear_errors(tmp_path, rows, key, fast):

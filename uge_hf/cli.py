@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=PRESET_NAMES,
                    help="default: the benchmarked setting; fast: a quick, weaker setting for tries (4 steps, one surrogate, a 2-epoch key "
                    "trajectory, so the key trains 2 epochs); key-first: favors the key; large: for 10,000 rows and more, where the "
-                   "default loses the key (3x the matching weight, on every step)")
+                   "default's key falls (3x the matching weight, on every step)")
     p.add_argument("--mode", choices=["per-sample", "generator"], help="override the preset's perturbation mode")
     p.add_argument("--steps", type=int, help="override the preset's search steps per batch")
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")

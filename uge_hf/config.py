@@ -243,7 +243,8 @@ class ProtectConfig:
         ``LARGE_DATASET_ROWS`` rows and more), with any field overridden.
 
         Raises:
-            ValueError: an unknown preset name."""
+            ValueError: an unknown preset name.
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
         return replace(cls(**PRESETS[name]), **overrides)
@@ -290,11 +291,11 @@ PRESETS: dict[str, dict] = {
     "fast": dict(steps=4, trajectory_epochs=2, surrogates=("vgg-tiny",), surrogate_epochs=2, generator_sample=200, generator_epochs=3),
     # For datasets of LARGE_DATASET_ROWS rows and more, where the default loses the key: three
     # times the matching weight on every step. It kept 0.90 of a convnet key's clean accuracy at
-    # 10,000 CIFAR-10 rows against the default's 0.78 (vgg-small 0.34 against 0.25), 0.70 at
+    # 10,000 CIFAR-10 rows (8 epochs) against the default's 0.78 (vgg-small 0.34 against 0.25), 0.70 at
     # 20,000 against 0.46 (vgg-small 0.27 against 0.18; bench/results/efficacy_cpu_n*_gm3.json),
-    # and 1.02 of a ResNet-18 key's at 20,000 on one H200, vgg16 0.46
+    # and 1.02 of a ResNet-18 key's at 20,000 on one H200 (one 6-epoch run), vgg16 0.46
     # (bench/results/paper_scale_h200_n20000_gm3.json). At 5,000 rows it lets hackers
-    # keep more than the default does (0.51-0.82 against 0.37-0.66), hence not the default.
+    # keep more than the default does (0.51-0.82 against 0.36-0.63), hence not the default.
     "large": dict(lambda_gm=3.0, gm_every=1),
 }
 
@@ -303,13 +304,23 @@ PRESETS: dict[str, dict] = {
 LARGE_DATASET_ROWS = 10_000
 
 
-def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
-    """The warning ``protect`` gives when ``rows`` (of the fit split) are too many for
-    ``config``'s gradient matching to keep the key, or ``None``.
+def matching_weight(config: ProtectConfig, num_keys: int = 1) -> float:
+    """The gradient-matching weight each key gets per search step, averaged over the steps:
+    ``lambda_gm``, over ``gm_every`` in per-sample mode (the generator's fit matches on every
+    step), over the number of keys unless ``match_every_key`` (else the keys take turns)."""
+    per_step = config.lambda_gm / (config.gm_every if config.mode == "per-sample" else 1)
+    return per_step / (1 if config.match_every_key else num_keys)
 
-    The matching weight per search step is ``lambda_gm / gm_every``; below the ``large``
-    preset's (3) on ``LARGE_DATASET_ROWS`` rows or more, the measured key falls far below its
-    clean accuracy (README, Paper scale).
+
+def large_dataset_advice(rows: int, config: ProtectConfig, num_keys: int = 1) -> Optional[str]:
+    """The warning ``protect`` gives when ``rows`` (of the fit split: the rows the key's
+    trajectory and the measurements below were taken on; ``fit_sample`` does not change how many
+    protected rows the key trains on) are too many for ``config``'s gradient matching to keep the
+    key, or ``None``.
+
+    It warns from ``LARGE_DATASET_ROWS`` rows up when ``matching_weight(config, num_keys)`` is
+    below the ``large`` preset's (3): the default (0.5) was measured to lose the key there, the
+    ``large`` preset to hold more of it (README, Paper scale; per-sample mode, one key).
 
     Example:
         >>> large_dataset_advice(5_000, ProtectConfig()) is None
@@ -318,13 +329,17 @@ def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
         True
         >>> "preset large" in large_dataset_advice(50_000, ProtectConfig())
         True
+        >>> "preset large" in large_dataset_advice(50_000, ProtectConfig.preset("large"), num_keys=2)  # keys take turns
+        True
     """
-    weight, large = config.lambda_gm / config.gm_every, PRESETS["large"]
-    if rows < LARGE_DATASET_ROWS or weight >= large["lambda_gm"] / large["gm_every"]:
+    large = ProtectConfig.preset("large")
+    weight, enough = matching_weight(config, num_keys), matching_weight(large)
+    if rows < LARGE_DATASET_ROWS or weight >= enough:
         return None
-    return (f"{rows} rows with gradient matching of weight {weight:g} per step (lambda_gm={config.lambda_gm:g}, "
-            f"gm_every={config.gm_every}): from {LARGE_DATASET_ROWS} rows up this setting loses the key's learnability (on "
-            "CIFAR-10 the default's key keeps 0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000). "
-            "The preset large (ProtectConfig.preset('large'), uge-hf protect --preset large: lambda_gm=3, gm_every=1) kept "
-            "0.90 of a convnet key's at 10,000 rows, 0.70 at 20,000, and 1.02 of a ResNet-18 key's at 20,000; use it, and check the key with "
-            "uge-hf evaluate before publishing")
+    return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per step and key, below the preset large's {enough:g}: "
+            f"from {LARGE_DATASET_ROWS:,} rows up the default's weight (0.5) lost the key's learnability on CIFAR-10 (its key kept "
+            "0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000), and the preset large "
+            f"(lambda_gm={large.lambda_gm:g}, gm_every={large.gm_every}) kept 0.90 of a convnet key's clean accuracy at 10,000 rows "
+            "and 0.70 at 20,000, hackers keeping a little more and protect taking about 1.3x as long; it is not yet measured at "
+            "50,000 rows. Pass ProtectConfig.preset('large') (uge-hf protect --preset large; with several keys also "
+            "match_every_key=True), and check the key with uge-hf evaluate before publishing")

@@ -220,7 +220,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     fit_split = fit_split or ("train" if "train" in splits else splits[0])
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
-    advice = large_dataset_advice(len(data[fit_split]), config)
+    advice = large_dataset_advice(len(data[fit_split]), config, len(keys))
     if advice:
         warnings.warn(advice, stacklevel=2)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
