@@ -319,7 +319,7 @@ def large_dataset_advice(rows: int, config: ProtectConfig, num_keys: int = 1) ->
     key, or ``None``.
 
     It warns from ``LARGE_DATASET_ROWS`` rows up when ``matching_weight(config, num_keys)`` is
-    below the ``large`` preset's (3): the default (0.5) was measured to lose the key there, the
+    below the ``large`` preset's (3): the default's (0.5) was measured to lose the key there, the
     ``large`` preset to hold more of it (README, Paper scale; per-sample mode, one key).
 
     Example:
@@ -333,11 +333,11 @@ def large_dataset_advice(rows: int, config: ProtectConfig, num_keys: int = 1) ->
         True
     """
     large = ProtectConfig.preset("large")
-    weight, enough = matching_weight(config, num_keys), matching_weight(large)
+    weight, enough, default = matching_weight(config, num_keys), matching_weight(large), matching_weight(ProtectConfig())
     if rows < LARGE_DATASET_ROWS or weight >= enough:
         return None
     return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per step and key, below the preset large's {enough:g}: "
-            f"from {LARGE_DATASET_ROWS:,} rows up the default's weight (0.5) lost the key's learnability on CIFAR-10 (its key kept "
+            f"from {LARGE_DATASET_ROWS:,} rows up the default's weight ({default:g}) lost the key's learnability on CIFAR-10 (its key kept "
             "0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000), and the preset large "
             f"(lambda_gm={large.lambda_gm:g}, gm_every={large.gm_every}) kept 0.90 of a convnet key's clean accuracy at 10,000 rows "
             "and 0.70 at 20,000, hackers keeping a little more and protect taking about 1.3x as long; it is not yet measured at "
