@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from uge_hf import AuthorizedModel, ProtectConfig, protect
+from uge_hf.config import PRESETS
 from uge_hf.data import load_tensors
 from uge_hf.evaluation import KEY, Evaluation, Training, evaluate_tensors
 from uge_hf.models import DEFAULT_HACKERS
@@ -94,6 +95,11 @@ KEYS.update({f"{v}-every-key": KEYS[v] for v in ("two-convnets", "convnet+resnet
 # A convnet key beside the benchmark's key (run with --key resnet-small: the pair above, compared
 # with the resnet-small key's own one-key run in the same run).
 VARIANTS["plus-convnet-every-key"], KEYS["plus-convnet-every-key"] = {"match_every_key": True}, [("convnet", 0)]
+# Two convnet keys under the preset large (the setting protect advises from 10,000 rows up), in turns
+# and matching every key on each step (the advice's "with several keys also match_every_key").
+VARIANTS["two-convnets-large"] = dict(PRESETS["large"])
+VARIANTS["two-convnets-large-every-key"] = {**VARIANTS["two-convnets-large"], "match_every_key": True}
+KEYS.update({v: KEYS["two-convnets"] for v in ("two-convnets-large", "two-convnets-large-every-key")})
 
 
 def config_override(text: str) -> tuple[str, object]:
