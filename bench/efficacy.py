@@ -96,7 +96,7 @@ KEYS.update({f"{v}-every-key": KEYS[v] for v in ("two-convnets", "convnet+resnet
 # with the resnet-small key's own one-key run in the same run).
 VARIANTS["plus-convnet-every-key"], KEYS["plus-convnet-every-key"] = {"match_every_key": True}, [("convnet", 0)]
 # Two convnet keys under the preset large (the setting protect advises from 10,000 rows up), in turns
-# and matching every key on each step (the advice's "with several keys also match_every_key").
+# and matching every key on each step.
 VARIANTS["two-convnets-large"] = dict(PRESETS["large"])
 VARIANTS["two-convnets-large-every-key"] = {**VARIANTS["two-convnets-large"], "match_every_key": True}
 KEYS.update({v: KEYS["two-convnets"] for v in ("two-convnets-large", "two-convnets-large-every-key")})

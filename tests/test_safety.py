@@ -15,7 +15,7 @@ import pytest
 from datasets import Array3D, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from huggingface_hub import HfApi
 
-from uge_hf import AuthorizedModel, ProtectConfig, load_protected, protect, push_to_hub, verify
+from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, load_protected, protect, push_to_hub, verify
 from uge_hf.cli import main
 from uge_hf.hub import TamperedShardError
 from uge_hf.utils import sha256_file
@@ -636,25 +636,33 @@ def test_a_run_without_the_misalignment_is_flagged_as_unprotected(tmp_path, rows
 def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path, cifar, key):
     import warnings
 
-    from uge_hf.config import LARGE_DATASET_ROWS
+    from uge_hf.config import LARGE_DATASET_ROWS, LargeDatasetWarning, large_dataset_advice
 
     large = cifar["train"].select(range(LARGE_DATASET_ROWS))
     # A state inside the output is refused right after the advice, before anything is written.
     overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
-    with pytest.warns(UserWarning, match=r"10,000 rows with a gradient-matching weight of 0.5 per step and key, below the preset "
-                      r"large's 3: .* lost the key's learnability .* Pass ProtectConfig.preset\('large'\)"), \
+    with pytest.warns(LargeDatasetWarning, match=r"10,000 rows with a gradient-matching weight of 0.5 per search step, below the "
+                      r"preset large's 3: .* lost the key's learnability .* Pass ProtectConfig.preset\('large'\)"), \
             pytest.raises(ValueError, match="overlap"):
         protect(large, key, ProtectConfig(), **overlapping)
-    # Two keys taking turns: each is matched at half the preset's weight.
+    # Two keys under the default are advised alike.
     partner = AuthorizedModel.create("convnet", num_classes=10, seed=1)
-    with pytest.warns(UserWarning, match=r"weight of 1.5 per step and key, below the preset large's 3"), \
-            pytest.raises(ValueError, match="overlap"):
-        protect(large, [key, partner], ProtectConfig.preset("large"), **overlapping)
+    with pytest.warns(LargeDatasetWarning, match=r"weight of 0.5 per search step"), pytest.raises(ValueError, match="overlap"):
+        protect(large, [key, partner], ProtectConfig(), **overlapping)
+    # The key may train on any protected split, not only the one the state is fitted on.
+    small_fit = DatasetDict({"train": large.select(range(100)), "test": large})
+    with pytest.warns(LargeDatasetWarning, match=r"^10,000 rows"), pytest.raises(ValueError, match="overlap"):
+        protect(small_fit, key, ProtectConfig(), **overlapping)
     assert not (tmp_path / "o").exists()
+    # The lower-level path advises too, before it decodes anything.
+    with pytest.warns(LargeDatasetWarning, match=r"^10,000 rows"), pytest.raises(ValueError, match="column 'pixels' not found"):
+        UGETransform.fit(large, key, ProtectConfig(), image_column="pixels", verbose=False)
+    # Without other terms every search step matches, whatever gm_every says: full weight.
+    assert large_dataset_advice(LARGE_DATASET_ROWS, ProtectConfig(lambda_gm=3.0, lambda_fd=0.0)) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no advice where the matching is strong enough, or the rows few enough
         for rows, keys, config in ((large, key, ProtectConfig.preset("large")), (large, key, ProtectConfig.preset("key-first")),
-                                   (large, [key, partner], ProtectConfig.preset("large", match_every_key=True)),
+                                   (large, [key, partner], ProtectConfig.preset("large")),  # in turns: each held as one key
                                    (large.select(range(LARGE_DATASET_ROWS - 1)), key, ProtectConfig())):
             with pytest.raises(ValueError, match="overlap"):
                 protect(rows, keys, config, **overlapping)

@@ -49,6 +49,8 @@ def uge_block(metadata: dict) -> dict:
         "epsilon": cfg["epsilon"],
         "mode": cfg["mode"],
         "loss_weights": {"gm": cfg["lambda_gm"], "am": cfg["lambda_am"], "fd": cfg["lambda_fd"], "kc": cfg["lambda_kc"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
+        "gm_every": cfg["gm_every"],
+        "match_every_key": cfg["match_every_key"],
         "steps": cfg["steps"],
         "seed": cfg["seed"],
         "state_fingerprint": metadata["state_fingerprint"],

@@ -256,6 +256,13 @@ class ProtectConfig:
         return math.floor(self.epsilon * 255 + 1e-6)
 
     @property
+    def matching_interval(self) -> int:
+        """Search steps from one gradient-matching step to the next: ``gm_every``, or 1 when no
+        other term is weighted (a step without matching would have no loss to descend)."""
+        other_terms = self.lambda_fd or self.lambda_ud or self.lambda_kc or self.lambda_am
+        return self.gm_every if other_terms else 1
+
+    @property
     def class_epsilon(self) -> float:
         """The L∞ budget of the class-consistent part of δ, ``class_share · epsilon`` (0-1 scale)."""
         return self.class_share * self.epsilon
@@ -299,28 +306,34 @@ PRESETS: dict[str, dict] = {
     "large": dict(lambda_gm=3.0, gm_every=1),
 }
 
-# From this many rows of the fit split up, the default's matching loses the key: it keeps 0.78
-# of its clean accuracy at 10,000 CIFAR-10 rows, 0.46 at 20,000 and 0.16 at 50,000 (README, Paper scale).
+# From this many protected rows up, the default's matching loses the key: it keeps 0.78 of its
+# clean accuracy at 10,000 CIFAR-10 rows, 0.46 at 20,000 and 0.16 at 50,000 (README, Paper scale).
 LARGE_DATASET_ROWS = 10_000
 
 
-def matching_weight(config: ProtectConfig, num_keys: int = 1) -> float:
-    """The gradient-matching weight each key gets per search step, averaged over the steps:
-    ``lambda_gm``, over ``gm_every`` in per-sample mode (the generator's fit matches on every
-    step), over the number of keys unless ``match_every_key`` (else the keys take turns)."""
-    per_step = config.lambda_gm / (config.gm_every if config.mode == "per-sample" else 1)
-    return per_step / (1 if config.match_every_key else num_keys)
+class LargeDatasetWarning(UserWarning):
+    """Too many rows for the config's gradient matching to keep the key (:func:`large_dataset_advice`);
+    ``warnings.filterwarnings("ignore", category=LargeDatasetWarning)`` silences it."""
 
 
-def large_dataset_advice(rows: int, config: ProtectConfig, num_keys: int = 1) -> Optional[str]:
-    """The warning ``protect`` gives when ``rows`` (of the fit split: the rows the key's
-    trajectory and the measurements below were taken on; ``fit_sample`` does not change how many
-    protected rows the key trains on) are too many for ``config``'s gradient matching to keep the
-    key, or ``None``.
+def matching_weight(config: ProtectConfig) -> float:
+    """The gradient-matching weight a key gets per search step, averaged over the steps:
+    ``lambda_gm``, over ``matching_interval`` in per-sample mode (the generator's fit matches on
+    every step). Keys that take turns each count as matched at this weight: two convnet keys in
+    turns under the preset large kept 0.93-0.94 of their clean accuracy at 10,000 rows, where one
+    key alone kept 0.90 (README, Several keys)."""
+    return config.lambda_gm / (config.matching_interval if config.mode == "per-sample" else 1)
 
-    It warns from ``LARGE_DATASET_ROWS`` rows up when ``matching_weight(config, num_keys)`` is
-    below the ``large`` preset's (3): the default's (0.5) was measured to lose the key there, the
-    ``large`` preset to hold more of it (README, Paper scale; per-sample mode, one key).
+
+def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
+    """The :class:`LargeDatasetWarning` that ``protect`` and ``UGETransform.fit`` give when
+    ``rows`` (protected rows a key may train on: the largest protected split's, or the fitted
+    dataset's; ``fit_sample`` does not change them) are too many for ``config``'s gradient
+    matching to keep the key, or ``None``.
+
+    It warns from ``LARGE_DATASET_ROWS`` rows up when ``matching_weight(config)`` is below the
+    ``large`` preset's (3): the default's (0.5) was measured to lose the key there, the ``large``
+    preset to hold more of it (README, Paper scale and Several keys; per-sample mode).
 
     Example:
         >>> large_dataset_advice(5_000, ProtectConfig()) is None
@@ -329,17 +342,15 @@ def large_dataset_advice(rows: int, config: ProtectConfig, num_keys: int = 1) ->
         True
         >>> "preset large" in large_dataset_advice(50_000, ProtectConfig())
         True
-        >>> "preset large" in large_dataset_advice(50_000, ProtectConfig.preset("large"), num_keys=2)  # keys take turns
-        True
     """
     large = ProtectConfig.preset("large")
-    weight, enough, default = matching_weight(config, num_keys), matching_weight(large), matching_weight(ProtectConfig())
+    weight, enough, default = matching_weight(config), matching_weight(large), matching_weight(ProtectConfig())
     if rows < LARGE_DATASET_ROWS or weight >= enough:
         return None
-    return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per step and key, below the preset large's {enough:g}: "
+    return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per search step, below the preset large's {enough:g}: "
             f"from {LARGE_DATASET_ROWS:,} rows up the default's weight ({default:g}) lost the key's learnability on CIFAR-10 (its key kept "
             "0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000), and the preset large "
             f"(lambda_gm={large.lambda_gm:g}, gm_every={large.gm_every}) kept 0.90 of a convnet key's clean accuracy at 10,000 rows "
-            "and 0.70 at 20,000, hackers keeping a little more and protect taking about 1.3x as long; it is not yet measured at "
-            "50,000 rows. Pass ProtectConfig.preset('large') (uge-hf protect --preset large; with several keys also "
-            "match_every_key=True), and check the key with uge-hf evaluate before publishing")
+            "(two convnet keys in turns: 0.93-0.94) and 0.70 at 20,000, hackers keeping a little more and protect taking about "
+            "1.3x as long; it is not yet measured at 50,000 rows. Pass ProtectConfig.preset('large') (uge-hf protect --preset "
+            "large), and check the key with uge-hf evaluate before publishing")

@@ -70,9 +70,6 @@ class Objective:
             self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
         if "grayscale" in self.config.eot and state.in_channels != 3:
             raise ValueError(f"eot 'grayscale' needs RGB images; these have {state.in_channels} channel(s): drop it from eot")
-        # Terms other than gradient matching: without any, every step must match.
-        self.has_cheap_terms = bool((self.config.lambda_fd and self.heads) or self.config.lambda_ud or self.config.lambda_kc
-                                    or self.config.lambda_am)
 
     def _on_device(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in weights.items()}
@@ -221,7 +218,7 @@ def signed_gradient_search(objective: Objective, x: torch.Tensor, y: torch.Tenso
     velocity = [torch.zeros_like(d) for d, *_ in parts]
     for k in range(steps):
         deltas = [d.requires_grad_(True) for d, *_ in parts]
-        match = k % cfg.gm_every == 0 or not objective.has_cheap_terms
+        match = k % cfg.matching_interval == 0
         key = None if cfg.match_every_key else turn % objective.num_keys
         loss = objective(x, perturbed(deltas), y, gen, match=match, key=key)
         turn += match

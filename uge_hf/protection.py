@@ -35,7 +35,7 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 
 from . import __version__
 from .card import write_card
-from .config import ProtectConfig, large_dataset_advice
+from .config import LargeDatasetWarning, ProtectConfig, large_dataset_advice
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
@@ -168,6 +168,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     Returns:
         The protected ``DatasetDict``, read back from ``output_dir``.
 
+    Warns ``uge_hf.config.LargeDatasetWarning``, before any work, when a protected split has
+    too many rows for ``config``'s gradient matching to keep the key (``ProtectConfig.preset("large")``
+    holds more of it).
+
     Raises:
         ValueError: bad input (columns, labels, an image that cannot work, naming its row;
             a ``state_dir`` inside ``output_dir``), found before any work; nothing is written.
@@ -220,9 +224,9 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     fit_split = fit_split or ("train" if "train" in splits else splits[0])
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
-    advice = large_dataset_advice(len(data[fit_split]), config, len(keys))
-    if advice:
-        warnings.warn(advice, stacklevel=2)
+    # A key may train on any protected split: the largest sets how much it must withstand.
+    if advice := large_dataset_advice(max(len(data[s]) for s in splits), config):
+        warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])
@@ -285,8 +289,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         if (final_state / "state.json").exists():
             transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
         else:
-            transform = UGETransform.fit(data[fit_split], keys, config, image_column=columns[0], label_column=columns[1],
-                                         feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
+            with warnings.catch_warnings():  # the advice was given above, for every protected split
+                warnings.simplefilter("ignore", LargeDatasetWarning)
+                transform = UGETransform.fit(data[fit_split], keys, config, image_column=columns[0], label_column=columns[1],
+                                             feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
             if accelerator.is_main_process:
                 transform.save_pretrained(final_state)
                 atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,

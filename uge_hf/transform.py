@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .config import ProtectConfig
+from .config import LargeDatasetWarning, ProtectConfig, large_dataset_advice
 from .data import DecodedRows, encode_png, find_columns, label_tensor, load_tensors, pil_image, to_pixels, validate_labels
 from .fitting import Checkpoints, Generator, build_generator, build_shared_state, resumable_training, trajectory_recipe
 from .key import AuthorizedModel, authorized_keys
@@ -108,12 +109,17 @@ class UGETransform:
         the same state, byte for byte (see :mod:`uge_hf.parallel`). ``cache_dir`` keeps every
         training's progress (owner-only: it holds θ0), so that a rerun resumes.
 
+        Warns ``LargeDatasetWarning`` when ``dataset`` has too many rows for ``config``'s
+        gradient matching to keep the key (:func:`uge_hf.config.large_dataset_advice`).
+
         Raises:
             FileExistsError: ``cache_dir`` holds the progress of a build on other rows, keys
                 or config.
         """
         config = config or ProtectConfig()
         keys = authorized_keys(key)
+        if advice := large_dataset_advice(len(dataset), config):
+            warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
         image_column, label_column = find_columns(dataset, image_column, label_column)
         validate_labels(dataset, label_column, keys[0].num_classes)
         rows = range(min(len(dataset), config.fit_sample or len(dataset)))
