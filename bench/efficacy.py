@@ -100,6 +100,7 @@ VARIANTS["plus-convnet-every-key"], KEYS["plus-convnet-every-key"] = {"match_eve
 VARIANTS["two-convnets-large"] = dict(PRESETS["large"])
 VARIANTS["two-convnets-large-every-key"] = {**VARIANTS["two-convnets-large"], "match_every_key": True}
 KEYS.update({v: KEYS["two-convnets"] for v in ("two-convnets-large", "two-convnets-large-every-key")})
+VARIANTS["convnet+resnet-small-large"], KEYS["convnet+resnet-small-large"] = dict(PRESETS["large"]), [("resnet-small", 0)]
 
 
 def config_override(text: str) -> tuple[str, object]:
