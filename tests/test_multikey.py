@@ -133,6 +133,8 @@ def test_evaluate_refuses_what_it_cannot_compare(two_key_run, keys, tmp_path, ci
 
 
 def test_keys_take_turns_from_a_start_drawn_per_batch(two_key_run, cifar):
+    from dataclasses import replace
+
     from uge_hf.data import load_tensors
     from uge_hf.objective import Objective, signed_gradient_search
     from uge_hf.utils import seeded_generator
@@ -154,6 +156,11 @@ def test_keys_take_turns_from_a_start_drawn_per_batch(two_key_run, cifar):
         assert objective.matched == [start, 1 - start, start]  # steps 0, 2, 4 match (gm_every=2), alternating keys
         starts.add(start)
     assert starts == {0, 1}  # each key leads (and has the last match) on some batches
+    # With no other term weighted, a step without matching would have nothing to descend: every step matches.
+    objective = Recorded(replace(state, config=replace(state.config, lambda_fd=0.0)))
+    objective.matched = []
+    signed_gradient_search(objective, images.float() / 255, labels, seeded_generator(0, "turns", 0), steps=6)
+    assert len(objective.matched) == 6
 
 
 def test_match_every_key_matches_both_keys_on_each_matching_step(two_key_run, cifar):

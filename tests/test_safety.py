@@ -633,26 +633,27 @@ def test_a_run_without_the_misalignment_is_flagged_as_unprotected(tmp_path, rows
         protect(rows, key, replace(fast, lambda_fd=0.0), splits=[], output_dir=tmp_path / "o", verbose=False)
 
 
-def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path, cifar, key):
+def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path, cifar, key, rows, fast, monkeypatch):
     import warnings
 
+    import uge_hf.config
     from uge_hf.config import LARGE_DATASET_ROWS, LargeDatasetWarning, large_dataset_advice
 
     large = cifar["train"].select(range(LARGE_DATASET_ROWS))
     # A state inside the output is refused right after the advice, before anything is written.
     overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
-    with pytest.warns(LargeDatasetWarning, match=r"10,000 rows with a gradient-matching weight of 0.5 per search step, below the "
+    with pytest.warns(LargeDatasetWarning, match=r"10,000 rows with a gradient-matching weight of 0.5 per step, below the "
                       r"preset large's 3: .* lost the key's learnability .* Pass ProtectConfig.preset\('large'\)"), \
             pytest.raises(ValueError, match="overlap"):
         protect(large, key, ProtectConfig(), **overlapping)
     # Two keys under the default are advised alike.
     partner = AuthorizedModel.create("convnet", num_classes=10, seed=1)
-    with pytest.warns(LargeDatasetWarning, match=r"weight of 0.5 per search step"), pytest.raises(ValueError, match="overlap"):
+    with pytest.warns(LargeDatasetWarning, match=r"weight of 0.5 per step"), pytest.raises(ValueError, match="overlap"):
         protect(large, [key, partner], ProtectConfig(), **overlapping)
-    # The key may train on any protected split, not only the one the state is fitted on.
-    small_fit = DatasetDict({"train": large.select(range(100)), "test": large})
+    # A partner may train on every protected split together, not only the one the state is fitted on.
+    halves = DatasetDict({"train": large.select(range(100)), "test": large.select(range(100, LARGE_DATASET_ROWS))})
     with pytest.warns(LargeDatasetWarning, match=r"^10,000 rows"), pytest.raises(ValueError, match="overlap"):
-        protect(small_fit, key, ProtectConfig(), **overlapping)
+        protect(halves, key, ProtectConfig(), **overlapping)
     assert not (tmp_path / "o").exists()
     # The lower-level path advises too, before it decodes anything.
     with pytest.warns(LargeDatasetWarning, match=r"^10,000 rows"), pytest.raises(ValueError, match="column 'pixels' not found"):
@@ -661,11 +662,17 @@ def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path,
     assert large_dataset_advice(LARGE_DATASET_ROWS, ProtectConfig(lambda_gm=3.0, lambda_fd=0.0)) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no advice where the matching is strong enough, or the rows few enough
-        for rows, keys, config in ((large, key, ProtectConfig.preset("large")), (large, key, ProtectConfig.preset("key-first")),
+        for data, keys, config in ((large, key, ProtectConfig.preset("large")), (large, key, ProtectConfig.preset("key-first")),
                                    (large, [key, partner], ProtectConfig.preset("large")),  # in turns: each held as one key
                                    (large.select(range(LARGE_DATASET_ROWS - 1)), key, ProtectConfig())):
             with pytest.raises(ValueError, match="overlap"):
-                protect(rows, keys, config, **overlapping)
+                protect(data, keys, config, **overlapping)
+    # A whole run, with the threshold lowered to its 40 rows: the advice once, pointing at the caller.
+    monkeypatch.setattr(uge_hf.config, "LARGE_DATASET_ROWS", len(rows))
+    with pytest.warns(LargeDatasetWarning) as caught:
+        protect(rows, key, fast, verbose=False)
+    advice = [w for w in caught if issubclass(w.category, LargeDatasetWarning)]
+    assert len(advice) == 1 and advice[0].filename == __file__
 
 
 def test_no_split_to_protect_and_a_file_as_output_are_clear_errors(tmp_path, rows, key, fast):

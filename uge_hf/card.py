@@ -36,6 +36,20 @@ def size_category(num_rows: int) -> str:
     return "n>10M" if num_rows > 10_000_000 else "1M<n<10M"
 
 
+def matching_schedule(config: ProtectConfig, num_keys: int) -> str:
+    """The card's account of when the keys' gradients were matched: how often (the effective
+    ``matching_interval``, not the ``gm_every`` asked for) and, with several keys, which."""
+    if not (config.lambda_gm or config.lambda_bind):
+        return "off"
+    interval = config.matching_interval
+    search = "every {0}step" if interval == 1 else "one {0}step in " + str(interval)
+    if config.mode == "generator":
+        when = "every step of the generator's fit" + (", then " + search.format("refinement ") if config.refine_steps else "")
+    else:
+        when = search.format("search ")
+    return when if num_keys == 1 else when + (", every key each time" if config.match_every_key else ", the keys in turn")
+
+
 def uge_block(metadata: dict) -> dict:
     """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data."""
     keys, cfg = metadata["keys"], metadata["config"]
@@ -49,7 +63,7 @@ def uge_block(metadata: dict) -> dict:
         "epsilon": cfg["epsilon"],
         "mode": cfg["mode"],
         "loss_weights": {"gm": cfg["lambda_gm"], "am": cfg["lambda_am"], "fd": cfg["lambda_fd"], "kc": cfg["lambda_kc"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
-        "gm_every": cfg["gm_every"],
+        "matching_interval": ProtectConfig.from_dict(cfg).matching_interval,
         "match_every_key": cfg["match_every_key"],
         "steps": cfg["steps"],
         "seed": cfg["seed"],
@@ -70,11 +84,12 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
 
     ``template`` is a path to your own Jinja template; it receives ``card_data`` (the YAML),
     ``meta`` (the metadata), ``efficacy`` (a Markdown table or ``None``), ``repo_id``,
-    ``pretty_name`` and ``epsilon_255``.
+    ``pretty_name``, ``epsilon_255`` and ``gradient_matching`` (:func:`matching_schedule`).
     """
     # A folder written before a config field existed reads as that field's default (off), so
     # `evaluate --update-card` on it still renders.
-    metadata = {**metadata, "config": ProtectConfig.from_dict(metadata["config"]).to_dict()}
+    config = ProtectConfig.from_dict(metadata["config"])
+    metadata = {**metadata, "config": config.to_dict()}
     splits = metadata["protected_splits"] + metadata["copied_splits"]
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
@@ -94,7 +109,8 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     return DatasetCard.from_template(
         card_data, template_str=template_str, meta=metadata, repo_id=repo_id or "<your-namespace>/<this-dataset>",
         efficacy=efficacy_markdown(efficacy["rows"]) if efficacy else None, pretty_name=pretty_name,
-        epsilon_255=round(metadata["config"]["epsilon"] * 255, 2), other_columns=", ".join(f"`{c}`" for c in others),
+        epsilon_255=round(config.epsilon * 255, 2), gradient_matching=matching_schedule(config, len(metadata["keys"])),
+        other_columns=", ".join(f"`{c}`" for c in others),
     )
 
 

@@ -111,7 +111,9 @@ class ProtectConfig:
     # misalignment kept off the key. On every step (one forward and backward of the key).
     lambda_kc: float = 0.0
     lambda_bind: float = 0.0
-    gm_every: int = 2  # gradient matching on every k-th step: it costs 4x the other terms
+    # Gradient matching on every k-th search step (it costs 4x the other terms); on every step
+    # when no other term is weighted (ProtectConfig.matching_interval).
+    gm_every: int = 2
     gm_classwise: bool = False  # L_gm per class of the batch, averaged (losses.gradient_matching_loss)
     # With several keys: each matching step matches every key (L_gm, and L_ud, summed over
     # the keys, so each is pulled as hard as if it were alone; k times the matching cost, in
@@ -327,13 +329,15 @@ def matching_weight(config: ProtectConfig) -> float:
 
 def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
     """The :class:`LargeDatasetWarning` that ``protect`` and ``UGETransform.fit`` give when
-    ``rows`` (protected rows a key may train on: the largest protected split's, or the fitted
+    ``rows`` (protected rows a partner may train on: all protected splits together, or the fitted
     dataset's; ``fit_sample`` does not change them) are too many for ``config``'s gradient
     matching to keep the key, or ``None``.
 
     It warns from ``LARGE_DATASET_ROWS`` rows up when ``matching_weight(config)`` is below the
     ``large`` preset's (3): the default's (0.5) was measured to lose the key there, the ``large``
-    preset to hold more of it (README, Paper scale and Several keys; per-sample mode).
+    preset to hold more of it (README, Paper scale and Several keys: per-sample mode, one convnet
+    or ResNet-18 key, or two convnet keys in turns; a resnet-small key beside a convnet one kept
+    0.55 under it, a ResNet key's own gap (README, Several keys); more keys are not measured).
 
     Example:
         >>> large_dataset_advice(5_000, ProtectConfig()) is None
@@ -347,7 +351,7 @@ def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
     weight, enough, default = matching_weight(config), matching_weight(large), matching_weight(ProtectConfig())
     if rows < LARGE_DATASET_ROWS or weight >= enough:
         return None
-    return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per search step, below the preset large's {enough:g}: "
+    return (f"{rows:,} rows with a gradient-matching weight of {weight:g} per step, below the preset large's {enough:g}: "
             f"from {LARGE_DATASET_ROWS:,} rows up the default's weight ({default:g}) lost the key's learnability on CIFAR-10 (its key kept "
             "0.78 of its clean accuracy at 10,000 rows, 0.46 at 20,000, 0.16 at 50,000), and the preset large "
             f"(lambda_gm={large.lambda_gm:g}, gm_every={large.gm_every}) kept 0.90 of a convnet key's clean accuracy at 10,000 rows "

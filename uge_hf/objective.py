@@ -68,6 +68,9 @@ class Objective:
             if module_fingerprint(feature_backbone) != state.backbone_fingerprint:
                 raise ValueError("feature_backbone's weights differ from the backbone the state was built with")
             self.heads.append(frozen(CentroidHead(feature_backbone, state.centroids).to(device).eval()))
+        if self.config.lambda_fd and not self.heads:  # a state edited by hand: build_shared_state refuses it
+            raise ValueError("lambda_fd > 0 but this state has no feature space (no surrogates, no feature backbone); "
+                             "rebuild the state with surrogates, or set lambda_fd=0")
         if "grayscale" in self.config.eot and state.in_channels != 3:
             raise ValueError(f"eot 'grayscale' needs RGB images; these have {state.in_channels} channel(s): drop it from eot")
 

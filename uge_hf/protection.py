@@ -168,8 +168,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     Returns:
         The protected ``DatasetDict``, read back from ``output_dir``.
 
-    Warns ``uge_hf.config.LargeDatasetWarning``, before any work, when a protected split has
-    too many rows for ``config``'s gradient matching to keep the key (``ProtectConfig.preset("large")``
+    Warns ``uge_hf.LargeDatasetWarning``, before any work, when the protected splits together
+    have too many rows for ``config``'s gradient matching to keep the key (``ProtectConfig.preset("large")``
     holds more of it).
 
     Raises:
@@ -224,8 +224,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     fit_split = fit_split or ("train" if "train" in splits else splits[0])
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
-    # A key may train on any protected split: the largest sets how much it must withstand.
-    if advice := large_dataset_advice(max(len(data[s]) for s in splits), config):
+    # A partner may train on every protected split together: their rows are what the key must withstand.
+    if advice := large_dataset_advice(sum(len(data[s]) for s in splits), config):
         warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
     for name in copied:
@@ -289,10 +289,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         if (final_state / "state.json").exists():
             transform = UGETransform.from_pretrained(final_state, feature_backbone=feature_backbone)
         else:
-            with warnings.catch_warnings():  # the advice was given above, for every protected split
-                warnings.simplefilter("ignore", LargeDatasetWarning)
-                transform = UGETransform.fit(data[fit_split], keys, config, image_column=columns[0], label_column=columns[1],
-                                             feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
+            transform = UGETransform._fit(data[fit_split], keys, config, image_column=columns[0], label_column=columns[1],
+                                          feature_backbone=feature_backbone, cache_dir=state_path / "cache", verbose=verbose)
             if accelerator.is_main_process:
                 transform.save_pretrained(final_state)
                 atomic_write(state_path / "build.json", json.dumps({"processes": accelerator.num_processes,

@@ -117,9 +117,17 @@ class UGETransform:
                 or config.
         """
         config = config or ProtectConfig()
-        keys = authorized_keys(key)
         if advice := large_dataset_advice(len(dataset), config):
             warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
+        return cls._fit(dataset, key, config, image_column=image_column, label_column=label_column,
+                        feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
+
+    @classmethod
+    def _fit(cls, dataset, key: AuthorizedModel | Sequence[AuthorizedModel], config: ProtectConfig, *, image_column: Optional[str],
+             label_column: Optional[str], feature_backbone: Optional[nn.Module], cache_dir: Optional[str | os.PathLike],
+             verbose: bool) -> "UGETransform":
+        """:meth:`fit` without its advice (``protect`` gives it earlier, for every protected split)."""
+        keys = authorized_keys(key)
         image_column, label_column = find_columns(dataset, image_column, label_column)
         validate_labels(dataset, label_column, keys[0].num_classes)
         rows = range(min(len(dataset), config.fit_sample or len(dataset)))
