@@ -170,5 +170,5 @@ def test_card_renders_for_a_folder_written_before_a_config_field_existed(protect
     # What ran, not what was asked: with no other term every step matched; with no matching term none did.
     meta["config"].update(gm_every=2, lambda_fd=0.0)
     assert "| gradient matching | every search step, every key each time |" in render_card(meta, folder_features(protected_dir)).text
-    meta["config"].update(lambda_gm=0.0)
+    meta["config"].update(lambda_gm=0.0, lambda_fd=1.0)
     assert "| gradient matching | off |" in render_card(meta, folder_features(protected_dir)).text
