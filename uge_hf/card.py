@@ -50,9 +50,10 @@ def matching_schedule(config: ProtectConfig, num_keys: int) -> str:
     return when if num_keys == 1 else when + (", every key each time" if config.match_every_key else ", the keys in turn")
 
 
-def uge_block(metadata: dict) -> dict:
-    """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data."""
-    keys, cfg = metadata["keys"], metadata["config"]
+def uge_block(metadata: dict, config: ProtectConfig) -> dict:
+    """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data
+    (``config``: ``metadata["config"]``, parsed)."""
+    keys = metadata["keys"]
     block = {
         "version": metadata["uge_hf_version"],
         "method": "ungeneralizable-examples",
@@ -60,13 +61,14 @@ def uge_block(metadata: dict) -> dict:
         # architecture only if the protector opted in), DESIGN.md 2.
         "key_fingerprints": [k["fingerprint"] for k in keys],
         "key_weights_sha256": [k["weights_sha256"] for k in keys],
-        "epsilon": cfg["epsilon"],
-        "mode": cfg["mode"],
-        "loss_weights": {"gm": cfg["lambda_gm"], "am": cfg["lambda_am"], "fd": cfg["lambda_fd"], "kc": cfg["lambda_kc"], "ud": cfg["lambda_ud"], "bind": cfg["lambda_bind"]},
-        "matching_interval": ProtectConfig.from_dict(cfg).matching_interval,
-        "match_every_key": cfg["match_every_key"],
-        "steps": cfg["steps"],
-        "seed": cfg["seed"],
+        "epsilon": config.epsilon,
+        "mode": config.mode,
+        "loss_weights": {"gm": config.lambda_gm, "am": config.lambda_am, "fd": config.lambda_fd, "kc": config.lambda_kc,
+                         "ud": config.lambda_ud, "bind": config.lambda_bind},
+        "matching_interval": config.matching_interval,
+        "match_every_key": config.match_every_key,
+        "steps": config.steps,
+        "seed": config.seed,
         "state_fingerprint": metadata["state_fingerprint"],
         "generator_fingerprint": metadata["generator_fingerprint"],
         "shards": metadata["shards"],
@@ -101,7 +103,7 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
         license=(metadata.get("source") or {}).get("license") or "other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
         pretty_name=pretty_name, tags=["uge", "unlearnable-examples", "ungeneralizable-examples", "data-protection"],
         configs=[{"config_name": "default", "data_files": data_files}] if metadata.get("output_format", "parquet") == "parquet" else None,
-        dataset_info=info, uge_hf=uge_block(metadata),
+        dataset_info=info, uge_hf=uge_block(metadata, config),
     )
     template_str = Path(template or default_template()).read_text()
     efficacy = metadata.get("efficacy")
