@@ -6,11 +6,18 @@ of ``--sizes`` px with ``ProtectConfig(resize=...)``), each as a ratio to the sm
 its axis. Per-sample cost should grow linearly in rows and in pixels; memory should not grow
 with rows.
 
+Against the number of authorized keys (issue 12), ``--keys 1,2,3,4``: ``convnet`` keys of seeds
+0 to k-1 on ``--key-rows`` rows, the keys matched in turn and (``--key-modes turns,every``) every
+key on each matching step (``match_every_key``). The build grows by one trajectory per key; the
+table splits each run into the keys' trajectories and the search (with the write), each as a
+ratio to one key.
+
 Each point runs in a fresh subprocess, so its peak RSS is its own. The JSON is rewritten after
 every point and read back at start: a rerun with the same ``--json`` skips finished points.
 
     python bench/cost.py                                                  # the bench, ~60 min on 2 cores
     python bench/cost.py --rows 100,200 --sizes 32,48 --size-rows 100 --presets fast --json /tmp/cost.json   # a check
+    python bench/cost.py --presets default --rows "" --sizes "" --keys 1,2,3,4 --json bench/results/cost_keys_cpu.json   # ~30 min
 
 Writes the JSON (``bench/results/cost_cpu.json``), a log-log plot beside it (``.png``) and
 prints a table.
@@ -30,7 +37,7 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-def run_point(data: Path, preset: str, rows: int, size: int | None, threads: int) -> dict:
+def run_point(data: Path, preset: str, rows: int, size: int | None, threads: int, num_keys: int = 1, every_key: bool = False) -> dict:
     """One ``protect`` in this process (the child's side): seconds, peak RSS, build phases."""
     import torch
     from datasets import load_dataset
@@ -39,12 +46,12 @@ def run_point(data: Path, preset: str, rows: int, size: int | None, threads: int
 
     torch.set_num_threads(threads)
     train = load_dataset(str(data), split="train").select(range(rows))
-    key = AuthorizedModel.create("convnet", num_classes=10, seed=0)
-    config = ProtectConfig.preset(preset, **({"resize": (size, size)} if size else {}))
+    keys = [AuthorizedModel.create("convnet", num_classes=10, seed=seed) for seed in range(num_keys)]
+    config = ProtectConfig.preset(preset, **({"resize": (size, size)} if size else {}), **({"match_every_key": True} if every_key else {}))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     with tempfile.TemporaryDirectory(prefix="uge-cost-") as tmp:
         tic = time.perf_counter()
-        protect(train, key, config, output_dir=Path(tmp) / "out", verbose=False)
+        protect(train, keys, config, output_dir=Path(tmp) / "out", verbose=False)
         seconds = time.perf_counter() - tic
         build = Path(tmp) / "out.uge-state" / "build.json"
         phases = json.loads(build.read_text())["phases_s"] if build.exists() else {}
@@ -58,11 +65,19 @@ def points(args) -> list[dict]:
     for preset in args.presets:
         out += [{"preset": preset, "axis": "rows", "rows": r, "size": None} for r in args.rows]
         out += [{"preset": preset, "axis": "size", "rows": args.size_rows, "size": s} for s in args.sizes]
+        out += [{"preset": preset, "axis": "keys", "rows": args.key_rows, "size": None, "keys": k, "every_key": mode == "every"}
+                for k in args.keys for mode in args.key_modes if k > 1 or mode == "turns"]  # one key has no turns to take
     return out
 
 
 def point_id(p: dict) -> str:
-    return f"{p['preset']}/{p['axis']}/{p['rows']}/{p['size'] or 'native'}"
+    keys = f"/{p['keys']}-keys{'-every' if p['every_key'] else ''}" if p["axis"] == "keys" else ""
+    return f"{p['preset']}/{p['axis']}/{p['rows']}/{p['size'] or 'native'}{keys}"
+
+
+def work(p: dict) -> int:
+    """What a point's cost should grow with: rows × pixels, or the number of keys."""
+    return p["keys"] if p["axis"] == "keys" else p["rows"] * (p["size"] or 32) ** 2
 
 
 def with_ratios(results: list[dict]) -> list[dict]:
@@ -71,14 +86,39 @@ def with_ratios(results: list[dict]) -> list[dict]:
         peers = [q for q in results if q["preset"] == r["preset"] and q["axis"] == r["axis"] and "seconds" in q]
         if "seconds" not in r or not peers:
             continue
-        base = min(peers, key=lambda q: q["rows"] * (q["size"] or 32) ** 2)
-        r["work_ratio"] = r["rows"] * (r["size"] or 32) ** 2 / (base["rows"] * (base["size"] or 32) ** 2)
+        base = min(peers, key=work)
+        r["work_ratio"] = work(r) / work(base)
         r["time_ratio"] = r["seconds"] / base["seconds"]
         r["rss_ratio"] = r["rss_gib"] / base["rss_gib"]
+        if r["axis"] == "keys":  # the keys' trajectories, and the rest: the per-sample search and the write
+            for part, seconds in (("trajectory", trajectory_s), ("search", search_s)):
+                r[f"{part}_s"], r[f"{part}_ratio"] = seconds(r), seconds(r) / seconds(base)
     return results
 
 
+def trajectory_s(r: dict) -> float:
+    return r["phases_s"]["trajectory"]
+
+
+def search_s(r: dict) -> float:
+    return r["seconds"] - sum(r["phases_s"].values())
+
+
 def print_table(results: list[dict]) -> None:
+    by_keys = [r for r in results if r["axis"] == "keys"]
+    results = [r for r in results if r["axis"] != "keys"]
+    if by_keys:
+        print("\n| preset | rows | keys | matching | protect s | keys' trajectories s | search and write s | protect ratio | trajectories ratio | search ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in by_keys:
+            mode = "every key" if r["every_key"] else "in turn" if r["keys"] > 1 else "-"
+            if "seconds" not in r:
+                print(f"| {r['preset']} | {r['rows']} | {r['keys']} | {mode} | failed: {r.get('error', '?')[-80:]} |")
+                continue
+            print(f"| {r['preset']} | {r['rows']} | {r['keys']} | {mode} | {r['seconds']:.1f} | {r['trajectory_s']:.1f} | {r['search_s']:.1f} "
+                  f"| {r['time_ratio']:.2f} | {r['trajectory_ratio']:.2f} | {r['search_ratio']:.2f} |")
+    if not results:
+        return
     print("\n| preset | axis | rows | px | protect s | ms / row | peak RSS GiB | rows x pixels ratio | time ratio | RSS ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -98,6 +138,9 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # One y scale per row: flat memory against rows reads as flat beside its growth with pixels.
+    results = [r for r in results if r["axis"] != "keys"]  # the keys' table says what they cost
+    if not results:
+        return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row", constrained_layout=True)
     for col, (axis, xlabel) in enumerate((("rows", "rows (32 px)"), ("size", f"pixels per image ({results[-1]['rows']} rows)"))):
         for preset in dict.fromkeys(r["preset"] for r in results):
@@ -128,14 +171,20 @@ def main() -> None:
     parser.add_argument("--rows", type=ints, default=[1000, 5000, 20000])
     parser.add_argument("--sizes", type=ints, default=[32, 64, 128])
     parser.add_argument("--size-rows", type=int, default=500, help="rows of the image-size axis")
+    parser.add_argument("--keys", type=ints, default=[], help="numbers of authorized keys to time (convnet seeds 0 to k-1)")
+    parser.add_argument("--key-rows", type=int, default=1000, help="rows of the keys axis")
+    parser.add_argument("--key-modes", type=lambda s: s.split(","), default=["turns", "every"],
+                        help="turns: the keys matched in turn (the default); every: match_every_key")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each protect")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "cost_cpu.json")
-    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: the child's side, 'preset,rows,size'
+    parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: the child's side, 'preset,rows,size,keys,turns|every'
     args = parser.parse_args()
+    if unknown := [m for m in args.key_modes if m not in ("turns", "every")]:
+        parser.error(f"unknown --key-modes {unknown}; choose from: turns, every")
 
     if args.point:
-        preset, rows, size = args.point.split(",")
-        print(json.dumps(run_point(args.data, preset, int(rows), int(size) or None, args.threads)))
+        preset, rows, size, keys, every_key = args.point.split(",")
+        print(json.dumps(run_point(args.data, preset, int(rows), int(size) or None, args.threads, int(keys), every_key == "every")))
         return
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +198,9 @@ def main() -> None:
             print(f"{pid}: done earlier, {done[pid]['seconds']:.1f} s", flush=True)
             continue
         tic = time.perf_counter()
-        child = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--threads", str(args.threads),
-                                "--point", f"{p['preset']},{p['rows']},{p['size'] or 0}"], capture_output=True, text=True)
+        spec = f"{p['preset']},{p['rows']},{p['size'] or 0},{p.get('keys', 1)},{'every' if p.get('every_key') else 'turns'}"
+        child = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--threads", str(args.threads), "--point", spec],
+                               capture_output=True, text=True)
         if child.returncode == 0:
             results.append({**p, **json.loads(child.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - tic})
             print(f"{pid}: {results[-1]['seconds']:.1f} s, peak RSS {results[-1]['rss_gib']:.2f} GiB", flush=True)

@@ -101,6 +101,8 @@ VARIANTS["two-convnets-large"] = dict(PRESETS["large"])
 VARIANTS["two-convnets-large-every-key"] = {**VARIANTS["two-convnets-large"], "match_every_key": True}
 KEYS.update({v: KEYS["two-convnets"] for v in ("two-convnets-large", "two-convnets-large-every-key")})
 VARIANTS["convnet+resnet-small-large"], KEYS["convnet+resnet-small-large"] = dict(PRESETS["large"]), [("resnet-small", 0)]
+# Three convnet partners in turn: how the keys' share holds as they grow past two.
+VARIANTS["three-convnets"], KEYS["three-convnets"] = {}, [("convnet", 1), ("convnet", 2)]
 
 
 def config_override(text: str) -> tuple[str, object]:
