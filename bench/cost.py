@@ -129,9 +129,10 @@ def print_table(results: list[dict]) -> None:
               f"| {r['rss_gib']:.2f} | {r['work_ratio']:.0f} | {r['time_ratio']:.2f} | {r['rss_ratio']:.2f} |")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path) -> bool:
     """Log-log: protect seconds (top) and peak RSS (bottom) against rows (left) and pixels per
-    image (right), one colour per preset; dotted: linear growth from each first point."""
+    image (right), one colour per preset; dotted: linear growth from each first point. False
+    (nothing drawn) when no point lies on those axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +141,7 @@ def plot(results: list[dict], path: Path) -> None:
     # One y scale per row: flat memory against rows reads as flat beside its growth with pixels.
     results = [r for r in results if r["axis"] != "keys"]  # the keys' table says what they cost
     if not results:
-        return
+        return False
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row", constrained_layout=True)
     for col, (axis, xlabel) in enumerate((("rows", "rows (32 px)"), ("size", f"pixels per image ({results[-1]['rows']} rows)"))):
         for preset in dict.fromkeys(r["preset"] for r in results):
@@ -161,6 +162,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig.suptitle("uge-hf protect on a CPU: cost against rows and image size")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -211,8 +213,8 @@ def main() -> None:
     results = with_ratios(results)
     args.json.write_text(json.dumps({"machine": f"{args.threads} threads", "points": results}, indent=2) + "\n")
     print_table(results)
-    plot(results, args.json.with_suffix(".png"))
-    print(f"\nwrote {args.json} and {args.json.with_suffix('.png')}")
+    drawn = plot(results, args.json.with_suffix(".png"))
+    print(f"\nwrote {args.json}" + (f" and {args.json.with_suffix('.png')}" if drawn else ""))
 
 
 if __name__ == "__main__":
