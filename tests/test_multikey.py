@@ -1,12 +1,14 @@
 """Several authorized keys for one protected release (issue 12), on real CIFAR-10 rows."""
 
 import json
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 from huggingface_hub import DatasetCard
 
-from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, load_protected, protect, verify
+from uge_hf import AuthorizedModel, MixedKeysWarning, ProtectConfig, UGETransform, load_protected, protect, verify
 from uge_hf.cli import main
 from uge_hf.hub import KeyMismatchError, TamperedShardError
 from uge_hf.utils import sha256_file
@@ -27,7 +29,8 @@ def config():
 @pytest.fixture(scope="module")
 def two_key_run(tmp_path_factory, cifar, keys, config):
     out = tmp_path_factory.mktemp("multikey") / "out"
-    protect(cifar["train"].select(range(120)), keys, config, output_dir=out, verbose=False)
+    with pytest.warns(MixedKeysWarning, match="take turns"):  # a convnet and a resnet-small key in turns
+        protect(cifar["train"].select(range(120)), keys, config, output_dir=out, verbose=False)
     return out
 
 
@@ -81,7 +84,8 @@ def test_state_holds_one_trajectory_per_key(two_key_run, keys, config):
 
 def test_same_bytes_on_rerun(tmp_path, cifar, keys, config, two_key_run):
     again = tmp_path / "again"
-    protect(cifar["train"].select(range(120)), keys, config, output_dir=again, verbose=False)
+    with pytest.warns(MixedKeysWarning):
+        protect(cifar["train"].select(range(120)), keys, config, output_dir=again, verbose=False)
     for name in json.loads((two_key_run / "uge_hf.json").read_text())["shards"]:
         assert sha256_file(again / name) == sha256_file(two_key_run / name)
 
@@ -93,6 +97,25 @@ def test_keys_must_fit_the_same_data_and_be_distinct(cifar, keys, config, tmp_pa
     with pytest.raises(ValueError, match="disagree on"):
         protect(rows, [keys[0], AuthorizedModel.create("convnet", 12, seed=1)], config, output_dir=tmp_path / "b", verbose=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_keys_of_different_architectures_in_turns_are_warned_before_any_work(cifar, keys, config, tmp_path):
+    rows = cifar["train"].select(range(60))
+    # A state inside the output is refused right after the advice, before anything is written.
+    overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
+    with pytest.warns(MixedKeysWarning, match=r"^2 keys of 2 different architectures take turns in gradient matching, .* "
+                      r"match_every_key=True \(uge-hf protect --match-every-key\) matched each key as if it were alone"), \
+            pytest.raises(ValueError, match="overlap"):
+        protect(rows, keys, config, **overlapping)
+    with pytest.warns(MixedKeysWarning, match="take turns"), pytest.raises(ValueError, match="column 'pixels' not found"):
+        UGETransform.fit(rows, keys, config, image_column="pixels", verbose=False)  # the lower-level path, before decoding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keys of one architecture, or every key matched on each step: no advice
+        for pair, setting in (([keys[0], AuthorizedModel.create("convnet", 10, seed=3)], config),
+                              (keys, replace(config, match_every_key=True))):
+            with pytest.raises(ValueError, match="overlap"):
+                protect(rows, pair, setting, **overlapping)
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_takes_repeated_keys_and_verify_says_which_matched(tmp_path, keys, capsys):

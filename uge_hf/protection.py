@@ -35,7 +35,7 @@ from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatas
 
 from . import __version__
 from .card import write_card
-from .config import LargeDatasetWarning, ProtectConfig, large_dataset_advice
+from .config import ProtectConfig, advise
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
 from .fitting import check_feature_space
@@ -170,7 +170,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
 
     Warns ``uge_hf.LargeDatasetWarning``, before any work, when the protected splits together
     have too many rows for ``config``'s gradient matching to keep the key (``ProtectConfig.preset("large")``
-    holds more of it).
+    holds more of it), and ``uge_hf.MixedKeysWarning`` when keys of different architectures take
+    turns in it (``match_every_key=True`` serves each as if alone; :func:`uge_hf.config.advise`).
 
     Raises:
         ValueError: bad input (columns, labels, an image that cannot work, naming its row;
@@ -225,8 +226,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
     # A partner may train on every protected split together: their rows are what the key must withstand.
-    if advice := large_dataset_advice(sum(len(data[s]) for s in splits), config):
-        warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
+    advise(sum(len(data[s]) for s in splits), [k.architecture for k in keys], config)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .config import LargeDatasetWarning, ProtectConfig, large_dataset_advice
+from .config import ProtectConfig, advise
 from .data import DecodedRows, encode_png, find_columns, label_tensor, load_tensors, pil_image, to_pixels, validate_labels
 from .fitting import Checkpoints, Generator, build_generator, build_shared_state, resumable_training, trajectory_recipe
 from .key import AuthorizedModel, authorized_keys
@@ -110,15 +109,15 @@ class UGETransform:
         training's progress (owner-only: it holds θ0), so that a rerun resumes.
 
         Warns ``LargeDatasetWarning`` when ``dataset`` has too many rows for ``config``'s
-        gradient matching to keep the key (:func:`uge_hf.config.large_dataset_advice`).
+        gradient matching to keep the key, and ``MixedKeysWarning`` when keys of different
+        architectures take turns in it (:func:`uge_hf.config.advise`).
 
         Raises:
             FileExistsError: ``cache_dir`` holds the progress of a build on other rows, keys
                 or config.
         """
         config = config or ProtectConfig()
-        if advice := large_dataset_advice(len(dataset), config):
-            warnings.warn(advice, LargeDatasetWarning, stacklevel=2)
+        advise(len(dataset), [k.architecture for k in authorized_keys(key)], config)
         return cls._fit(dataset, key, config, image_column=image_column, label_column=label_column,
                         feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
 
