@@ -29,8 +29,10 @@ def config():
 @pytest.fixture(scope="module")
 def two_key_run(tmp_path_factory, cifar, keys, config):
     out = tmp_path_factory.mktemp("multikey") / "out"
-    with pytest.warns(MixedKeysWarning, match="take turns"):  # a convnet and a resnet-small key in turns
+    with pytest.warns(MixedKeysWarning, match="take turns") as caught:  # a convnet and a resnet-small key in turns
         protect(cifar["train"].select(range(120)), keys, config, output_dir=out, verbose=False)
+    advice = [w for w in caught if issubclass(w.category, MixedKeysWarning)]
+    assert len(advice) == 1 and advice[0].filename == __file__  # once per run, pointing at the caller
     return out
 
 
@@ -112,7 +114,8 @@ def test_keys_of_different_architectures_in_turns_are_warned_before_any_work(cif
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # keys of one architecture, or every key matched on each step: no advice
         for pair, setting in (([keys[0], AuthorizedModel.create("convnet", 10, seed=3)], config),
-                              (keys, replace(config, match_every_key=True))):
+                              (keys, replace(config, match_every_key=True)), (keys[1], config),
+                              (keys, replace(config, lambda_gm=0.0))):  # one key; nothing matched
             with pytest.raises(ValueError, match="overlap"):
                 protect(rows, pair, setting, **overlapping)
     assert not (tmp_path / "o").exists()

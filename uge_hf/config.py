@@ -320,8 +320,8 @@ class LargeDatasetWarning(UserWarning):
 
 
 class MixedKeysWarning(UserWarning):
-    """Keys of different architectures take turns in gradient matching, which short-changes the
-    costlier one (:func:`mixed_keys_advice`); ``warnings.filterwarnings("ignore",
+    """Keys of different architectures take turns in gradient matching, which was measured to
+    short-change one of them (:func:`mixed_keys_advice`); ``warnings.filterwarnings("ignore",
     category=MixedKeysWarning)`` silences it."""
 
 
@@ -372,10 +372,8 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
     different ``architectures`` (one name per key, as in ``models.list_models()``) take turns in
     gradient matching (``config.match_every_key`` off), or ``None``.
 
-    Measured on CIFAR-10 (per-sample mode; README, Several keys): beside a convnet key in turns, a
-    resnet-small key kept 0.30 of its clean accuracy at 5,000 rows (0.36 as the only key) and
-    0.55 at 10,000 rows under the preset large (0.73 alone); matching every key served it as if
-    alone (0.35, 0.88), and left hackers as much as a release for resnet-small alone or more.
+    The message gives what was measured on CIFAR-10 for a resnet-small key beside a convnet key,
+    in turns and matching every key (per-sample mode; README, Several keys).
 
     Example:
         >>> mixed_keys_advice(["convnet", "convnet"], ProtectConfig()) is None
@@ -392,8 +390,9 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
             "clean accuracy at 5,000 rows (0.36 as the only key) and 0.55 at 10,000 rows under the preset large (0.73 alone). "
             "match_every_key=True (uge-hf protect --match-every-key) matched each key as if it were alone (0.35 and 0.88), "
             "but the hackers then learned as much as from a release for the resnet-small key alone, or more (vgg-small 0.81 "
-            "against 0.74 at 10,000 rows), and protect took about 1.4x as long as for that key alone: a partner's architecture "
-            "sets what the release protects. Check each key with uge-hf evaluate before publishing")
+            "against 0.74 at 10,000 rows), and protect took 1.0x (5,000 rows) to 1.4x (10,000) as long as for that key alone: a "
+            "partner's architecture sets what the release protects. The card records match_every_key, and a reader may take it "
+            "to mean that the keys differ in architecture. Check each key with uge-hf evaluate before publishing")
 
 
 def advise(rows: int, architectures: Sequence[str], config: ProtectConfig, stacklevel: int = 2) -> None:
