@@ -395,11 +395,11 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
             "to mean that the keys differ in architecture. Check each key with uge-hf evaluate before publishing")
 
 
-def advise(rows: int, architectures: Sequence[str], config: ProtectConfig, stacklevel: int = 2) -> None:
+def advise(rows: int, architectures: Sequence[str], config: ProtectConfig) -> None:
     """Warn, before any work, what the measurements say about this run: :func:`large_dataset_advice`
-    for ``rows`` protected rows and :func:`mixed_keys_advice` for keys of ``architectures``.
-    ``stacklevel`` counts from the caller of ``advise``, as in ``warnings.warn``."""
+    for ``rows`` protected rows and :func:`mixed_keys_advice` for keys of ``architectures``. For
+    ``protect`` and ``UGETransform.fit``: the warnings point at their caller's line."""
     for advice, category in ((large_dataset_advice(rows, config), LargeDatasetWarning),
                              (mixed_keys_advice(architectures, config), MixedKeysWarning)):
         if advice:
-            warnings.warn(advice, category, stacklevel=stacklevel + 1)
+            warnings.warn(advice, category, stacklevel=3)  # advise, its caller, the user's line
