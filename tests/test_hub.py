@@ -115,7 +115,7 @@ def test_card_fields_parse_back(pushed, protected_dir, key, fast_config, hub_tok
     assert block["key_weights_sha256"] == [key.weights_file_sha256] and key.weights_file_sha256 == hashlib.sha256(key._weights_bytes()).hexdigest()
     assert block["epsilon"] == fast_config.epsilon and block["mode"] == "per-sample"
     assert block["loss_weights"] == {"gm": 1.0, "am": 0.0, "fd": 1.0, "kc": 0.0, "ud": 0.0, "bind": 0.0}
-    assert (block["matching_interval"], block["match_every_key"]) == (fast_config.gm_every, False)
+    assert block["matching_interval"] == fast_config.gm_every and "match_every_key" not in block  # withheld (a hint at the keys)
     assert block["state_fingerprint"] == meta["state_fingerprint"]
     assert block["shards"] == meta["shards"]
     from uge_hf import __version__
@@ -161,9 +161,10 @@ def test_card_renders_for_a_folder_written_before_a_config_field_existed(protect
     assert "loss weights (gm, am, fd, kc, ud, bind) | 1.0, 0.0, 1.0, 0.0, 0.0, 0.0" in card.text
     assert "| gradient matching | one search step in 2 |" in card.text
     # How often it matched, and which keys, tells the preset large (3 on every step) from lambda_gm=3 on every 2nd step;
-    # a folder from before match_every_key took turns.
-    del meta["config"]["match_every_key"]
+    # a folder from before match_every_key (and before public records withheld it) took turns.
     meta["keys"] = meta["keys"] * 2
+    assert "| gradient matching | one search step in 2, which keys each time not recorded |" in render_card(meta, folder_features(protected_dir)).text
+    assert meta.pop("withheld") == ["match_every_key"] and "match_every_key" not in meta["config"]
     assert "| gradient matching | one search step in 2, the keys in turn |" in render_card(meta, folder_features(protected_dir)).text
     meta["config"].update(gm_every=1, match_every_key=True)
     assert "| gradient matching | every search step, every key each time |" in render_card(meta, folder_features(protected_dir)).text

@@ -129,7 +129,12 @@ def test_cli_takes_repeated_keys_and_verify_says_which_matched(tmp_path, keys, c
                  "--key", str(tmp_path / "key1"), "--out", str(out), "--preset", "fast", "--batch-size", "60", "--match-every-key",
                  "--quiet"]) == 0
     capsys.readouterr()
-    assert json.loads((out / "uge_hf.json").read_text())["config"]["match_every_key"] is True
+    # Public: not which keys were matched (it would hint that they differ in architecture); private: all of it, for a rerun.
+    public = json.loads((out / "uge_hf.json").read_text())
+    assert "match_every_key" not in public["config"] and public["withheld"] == ["match_every_key"]
+    assert "match_every_key" not in DatasetCard.load(out / "README.md").data.to_dict()["uge_hf"]
+    assert "| gradient matching | one search step in 2, which keys each time not recorded |" in (out / "README.md").read_text()
+    assert UGETransform.from_pretrained(out.with_name("out.uge-state") / "state").state.config.match_every_key is True
     assert main(["verify", str(out), "--key", str(tmp_path / "key1")]) == 0
     assert "(key 2 of 2)" in capsys.readouterr().out
 

@@ -183,8 +183,13 @@ def test_card_and_metadata_say_nothing_that_narrows_the_search_for_the_key(tmp_p
     for secret in ("resnet-small", "acme/secret-key", "0" * 40, str(key.seed)):
         assert secret not in public
     assert key.fingerprint in public
+    # match_every_key is advised for keys of different architectures, so its value would hint at them.
+    assert "match_every_key" not in json.loads((out / "uge_hf.json").read_text())["config"]
+    assert "match_every_key:" not in (out / "README.md").read_text()
     disclosed = protect(rows, key, fast, output_dir=tmp_path / "disclosed", disclose_key_architecture=True, verbose=False)
     assert disclosed and "resnet-small" in (tmp_path / "disclosed" / "README.md").read_text()
+    meta = json.loads((tmp_path / "disclosed" / "uge_hf.json").read_text())
+    assert meta["config"]["match_every_key"] is False and meta["withheld"] == []
 
 
 # -- 3. publishing publishes only what was meant -------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from datasets import DatasetInfo, Features
 from huggingface_hub import DatasetCard, DatasetCardData
@@ -36,9 +36,24 @@ def size_category(num_rows: int) -> str:
     return "n>10M" if num_rows > 10_000_000 else "1M<n<10M"
 
 
-def matching_schedule(config: ProtectConfig, num_keys: int) -> str:
+# Config fields the public record (card, ``uge_hf.json``) leaves out unless the keys'
+# architectures are disclosed: match_every_key is advised for keys of different architectures
+# (config.mixed_keys_advice), so its value would tell a reader whether they differ (DESIGN.md 2).
+# The state folder's config keeps them, for a rerun.
+ARCHITECTURE_HINTS = ("match_every_key",)
+
+
+def public_config(config: ProtectConfig, disclose_key_architecture: bool) -> tuple[dict, list[str]]:
+    """``config`` as the public record holds it, and the names of the fields it withholds
+    (:data:`ARCHITECTURE_HINTS`, none if the keys' architectures are disclosed anyway)."""
+    withheld = [] if disclose_key_architecture else list(ARCHITECTURE_HINTS)
+    return {k: v for k, v in config.to_dict().items() if k not in withheld}, withheld
+
+
+def matching_schedule(config: ProtectConfig, num_keys: int, withheld: Sequence[str] = ()) -> str:
     """The card's account of when the keys' gradients were matched: how often (the effective
-    ``matching_interval``, not the ``gm_every`` asked for) and, with several keys, which."""
+    ``matching_interval``, not the ``gm_every`` asked for) and, with several keys, which, unless
+    ``withheld`` names ``match_every_key``."""
     if not (config.lambda_gm or config.lambda_bind):
         return "off"
     interval = config.matching_interval
@@ -47,13 +62,17 @@ def matching_schedule(config: ProtectConfig, num_keys: int) -> str:
         when = "every step of the generator's fit" + (", then " + search.format("refinement ") if config.refine_steps else "")
     else:
         when = search.format("search ")
-    return when if num_keys == 1 else when + (", every key each time" if config.match_every_key else ", the keys in turn")
+    if num_keys == 1:
+        return when
+    if "match_every_key" in withheld:
+        return when + ", which keys each time not recorded"
+    return when + (", every key each time" if config.match_every_key else ", the keys in turn")
 
 
 def uge_block(metadata: dict, config: ProtectConfig) -> dict:
     """The ``uge_hf:`` YAML block: everything a consumer needs to check the key and the data
     (``config``: ``metadata["config"]``, parsed)."""
-    keys = metadata["keys"]
+    keys, withheld = metadata["keys"], metadata.get("withheld", [])
     block = {
         "version": metadata["uge_hf_version"],
         "method": "ungeneralizable-examples",
@@ -66,7 +85,6 @@ def uge_block(metadata: dict, config: ProtectConfig) -> dict:
         "loss_weights": {"gm": config.lambda_gm, "am": config.lambda_am, "fd": config.lambda_fd, "kc": config.lambda_kc,
                          "ud": config.lambda_ud, "bind": config.lambda_bind},
         "matching_interval": config.matching_interval,
-        "match_every_key": config.match_every_key,
         "steps": config.steps,
         "seed": config.seed,
         "state_fingerprint": metadata["state_fingerprint"],
@@ -76,6 +94,8 @@ def uge_block(metadata: dict, config: ProtectConfig) -> dict:
         "efficacy": (metadata.get("efficacy") or {}).get("rows"),
         "efficacy_epochs": (metadata.get("efficacy") or {}).get("epochs"),
     }
+    if "match_every_key" not in withheld:
+        block["match_every_key"] = config.match_every_key
     if all("architecture" in k for k in keys):
         block.update(key_architectures=[k["architecture"] for k in keys], key_num_classes=keys[0]["num_classes"])
     return block
@@ -89,9 +109,9 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     ``pretty_name``, ``epsilon_255`` and ``gradient_matching`` (:func:`matching_schedule`).
     """
     # A folder written before a config field existed reads as that field's default (off), so
-    # `evaluate --update-card` on it still renders.
-    config = ProtectConfig.from_dict(metadata["config"])
-    metadata = {**metadata, "config": config.to_dict()}
+    # `evaluate --update-card` on it still renders; a withheld field stays out.
+    config, withheld = ProtectConfig.from_dict(metadata["config"]), metadata.get("withheld", [])
+    metadata = {**metadata, "config": {k: v for k, v in config.to_dict().items() if k not in withheld}}
     splits = metadata["protected_splits"] + metadata["copied_splits"]
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
@@ -111,7 +131,7 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     return DatasetCard.from_template(
         card_data, template_str=template_str, meta=metadata, repo_id=repo_id or "<your-namespace>/<this-dataset>",
         efficacy=efficacy_markdown(efficacy["rows"]) if efficacy else None, pretty_name=pretty_name,
-        epsilon_255=round(config.epsilon * 255, 2), gradient_matching=matching_schedule(config, len(metadata["keys"])),
+        epsilon_255=round(config.epsilon * 255, 2), gradient_matching=matching_schedule(config, len(metadata["keys"]), withheld),
         other_columns=", ".join(f"`{c}`" for c in others),
     )
 

@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the protection's seed (not the key's)")
     p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
                    "matching step rather than one in turn: keys of different architectures keep more, but so do hackers, and the search "
-                   "costs more (measured: 1.7x with 2 keys, 2.3x with 3 under the default preset; 2.0x with 2 under large). The card "
-                   "records this setting, and a reader may take it to mean that the keys differ in architecture")
+                   "costs more (measured: 1.7x with 2 keys, 2.3x with 3 under the default preset; 2.0x with 2 under large). The public "
+                   "card leaves this setting out (it would hint that the keys differ in architecture) unless --disclose-key-architecture")
     p.add_argument("--retrain-rounds", type=int, help="rounds of retraining (default 0): train the key on the protected rows "
                    "and search each batch again along that training; each round adds a key training and a search per batch")
     p.add_argument("--batch-size", type=int, help="rows perturbed together (memory grows with it)")
@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", help="the Image column (default: found by type)")
     p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
     p.add_argument("--license", help="the source dataset's license id, recorded in the card (default: other)")
-    p.add_argument("--disclose-key-architecture", action="store_true", help="record the key's architecture in the public card "
-                   "(narrows a hacker's search: off by default)")
+    p.add_argument("--disclose-key-architecture", action="store_true", help="record each key's architecture, and "
+                   "--match-every-key, in the public card (narrows a hacker's search: off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace another uge-hf run in --out (only files uge-hf wrote are deleted)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_protect)

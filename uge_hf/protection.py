@@ -34,7 +34,7 @@ import torch.nn as nn
 from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
 
 from . import __version__
-from .card import write_card
+from .card import public_config, write_card
 from .config import ProtectConfig, advise
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
@@ -162,8 +162,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             hidden ``.uge_hf_partial/``); a folder holding anything else is refused even
             with ``overwrite``.
         disclose_key_architecture: record each key's architecture and class count in the
-            public card and ``uge_hf.json``. Off by default: whoever knows the architecture
-            holds most of what the key gives (README, threat model).
+            public card and ``uge_hf.json``, and ``match_every_key``, which otherwise stays in
+            the state folder only (its value hints whether several keys differ in
+            architecture, :data:`uge_hf.card.ARCHITECTURE_HINTS`). Off by default: whoever
+            knows the architecture holds most of what the key gives (README, threat model).
 
     Returns:
         The protected ``DatasetDict``, read back from ``output_dir``.
@@ -340,9 +342,10 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             key_records = [{"fingerprint": k.fingerprint, "weights_sha256": k.weights_file_sha256,
                             **({"architecture": k.architecture, "num_classes": k.num_classes, "in_channels": k.in_channels}
                                if disclose_key_architecture else {})} for k in keys]
+            config_record, withheld = public_config(config, disclose_key_architecture)
             metadata = {
                 "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
-                "keys": key_records, "config": config.to_dict(), "image_column": columns[0], "label_column": columns[1],
+                "keys": key_records, "config": config_record, "withheld": withheld, "image_column": columns[0], "label_column": columns[1],
                 "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
                 "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
