@@ -50,6 +50,33 @@ def public_config(config: ProtectConfig, disclose_key_architecture: bool) -> tup
     return {k: v for k, v in config.to_dict().items() if k not in withheld}, withheld
 
 
+# What an efficacy row of a key, or of its architecture from another seed, loses in public.
+KEY_ROW_ACCURACIES = ("clean_acc", "protected_acc", "clean_best_acc", "protected_best_acc", "attack_clean_acc", "attack_clean_best_acc")
+
+
+def public_efficacy(efficacy: Optional[dict], disclose_key_architecture: bool) -> Optional[dict]:
+    """A measured efficacy table (``{"rows": [...], "summary": {...}}``, as ``uge-hf evaluate
+    --json`` writes it) as the public record holds it (DESIGN.md 2).
+
+    Training times go: how long the key's rows took tells a hacker how big its architecture
+    is. Unless the keys' architectures are disclosed, the keys' rows (``key θ0 ...``, ``key
+    arch, seed ...``) keep their ratios only: their accuracies, and the summary's
+    ``authorized_gap_pt`` (with the ratio, the clean accuracy), can be matched by training each
+    candidate architecture on the public clean rows, which names the key's."""
+    if efficacy is None:
+        return None
+    from .evaluation import KEY, SIBLING_PREFIX
+
+    def public(row: dict) -> dict:
+        row = {k: v for k, v in row.items() if not k.endswith("seconds")}
+        if not disclose_key_architecture and row["model"].startswith((KEY, SIBLING_PREFIX)):
+            row.update(dict.fromkeys(KEY_ROW_ACCURACIES))
+        return row
+
+    summary = {k: v for k, v in (efficacy.get("summary") or {}).items() if disclose_key_architecture or k != "authorized_gap_pt"}
+    return {**efficacy, "rows": [public(r) for r in efficacy.get("rows", [])], "summary": summary}
+
+
 def matching_schedule(config: ProtectConfig, num_keys: int, withheld: Sequence[str] = ()) -> str:
     """The card's account of when the keys' gradients were matched: how often (the effective
     ``matching_interval``, not the ``gm_every`` asked for) and, with several keys, which, unless
@@ -146,13 +173,10 @@ def write_card(out_dir: str | os.PathLike, metadata: dict, features: Features, *
 
 def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     """Store a measured efficacy table (``{"rows": [...], "summary": {...}}``, as
-    ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card.
-
-    Training times stay out: both are public, and how long the key's rows took to train
-    tells a hacker how big the key's architecture is (DESIGN.md 2)."""
+    ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card, as
+    :func:`public_efficacy` leaves it (both are public)."""
     folder = Path(folder)
     metadata = read_metadata(folder)
-    rows = [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in efficacy.get("rows", [])]
-    metadata["efficacy"] = {**efficacy, "rows": rows}
+    metadata["efficacy"] = public_efficacy(efficacy, all("architecture" in k for k in metadata["keys"]))
     write_metadata(folder, metadata)
     return write_card(folder, metadata, folder_features(folder))

@@ -94,13 +94,14 @@ def _acc(best: Optional[float], last: Optional[float]) -> str:
 
 def efficacy_markdown(rows: Sequence[dict]) -> str:
     """The efficacy table in Markdown, from :meth:`EvaluationReport.to_dicts` rows (rows of
-    uge-hf 0.1, without best-epoch figures, show the last epoch only)."""
+    uge-hf 0.1, without best-epoch figures, show the last epoch only; accuracies a public card
+    withholds, :func:`uge_hf.card.public_efficacy`, read "withheld")."""
     with_attack_clean = any(r.get("attack_clean_acc") is not None for r in rows)
     head = "| model | attack | clean-trained acc, best / last epoch | protected-trained acc, best / last | protected / clean (last) |"
     lines = [head + (" attack on clean rows, best / last |" if with_attack_clean else ""), "| --- " * (6 if with_attack_clean else 5) + "|"]
     for r in rows:
-        line = (f"| {r['model']} | {r['attack']} | {_acc(r.get('clean_best_acc'), r['clean_acc'])} | "
-                f"{_acc(r.get('protected_best_acc'), r['protected_acc'])} | {r['ratio']:.2f} |")
+        line = (f"| {r['model']} | {r['attack']} | {_acc(r.get('clean_best_acc'), r['clean_acc']) or 'withheld'} | "
+                f"{_acc(r.get('protected_best_acc'), r['protected_acc']) or 'withheld'} | {r['ratio']:.2f} |")
         lines.append(line + (f" {_acc(r.get('attack_clean_best_acc'), r.get('attack_clean_acc'))} |" if with_attack_clean else ""))
     return "\n".join(lines)
 

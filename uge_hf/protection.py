@@ -34,7 +34,7 @@ import torch.nn as nn
 from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
 
 from . import __version__
-from .card import public_config, write_card
+from .card import public_config, public_efficacy, write_card
 from .config import ProtectConfig, advise
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
@@ -342,14 +342,16 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             key_records = [{"fingerprint": k.fingerprint, "weights_sha256": k.weights_file_sha256,
                             **({"architecture": k.architecture, "num_classes": k.num_classes, "in_channels": k.in_channels}
                                if disclose_key_architecture else {})} for k in keys]
+            # No run id here: it hashes the whole config with parts a reader can rebuild, so it would
+            # give a withheld field away; the manifest, never published, keeps it.
             config_record, withheld = public_config(config, disclose_key_architecture)
             metadata = {
-                "uge_hf_version": __version__, "run_id": rid, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
+                "uge_hf_version": __version__, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
                 "keys": key_records, "config": config_record, "withheld": withheld, "image_column": columns[0], "label_column": columns[1],
                 "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
                 "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
-                "shards": dict(sorted(shards.items())), "source": source, "efficacy": efficacy, "output_format": output_format,
+                "shards": dict(sorted(shards.items())), "source": source, "efficacy": public_efficacy(efficacy, disclose_key_architecture), "output_format": output_format,
             }
             staging = out / STAGING_NAME
             if output_format == "arrow":  # every parquet shard is staged: a published arrow run keeps none
