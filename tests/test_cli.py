@@ -1,5 +1,6 @@
 """Each CLI command once, through ``python -m uge_hf`` / ``main()``, on real CIFAR-10."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -75,6 +76,21 @@ def test_evaluate_checks_its_output_paths_before_training(protected_cli, key_dir
               "--epochs", "1", "--figure", str(tmp_path / "nodir" / "fig.png"))
     assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
     assert "key θ0" not in run.stdout  # refused before any training: no table
+
+
+def test_evaluate_overwrites_nothing_and_refuses_bad_numbers_before_training(protected_cli, key_dir, tmp_path, capsys):
+    """--figure and --json name new files: an existing one may be the key, a shard, the card, or the user's."""
+    weights, shard = key_dir / "model.safetensors", next((protected_cli / "data").iterdir())
+    before = {p: p.read_bytes() for p in (weights, shard)}
+    base = ["evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--hackers", "vgg-tiny, ", "--quiet"]
+    for extra, message in ((["--figure", str(weights)], "exists, and uge-hf never overwrites"),
+                           (["--json", str(shard)], "exists, and uge-hf never overwrites"),
+                           (["--json", str(tmp_path)], "exists"), (["--epochs", "0"], ">= 1"),
+                           (["--eval-every", "0"], ">= 1"), (["--test-size", "0"], ">= 1")):
+        with pytest.raises(SystemExit) if ">= 1" in message else contextlib.nullcontext():
+            assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in (weights, shard)}
 
 
 def test_card_tells_the_authorized_user_the_trajectory_length(protected_cli):
@@ -192,7 +208,7 @@ def test_cli_inputs_are_judged_not_ignored(key_dir, tmp_path, capsys):
     for limit in ("0", "-5"):
         with pytest.raises(SystemExit):  # argparse: usage error, exit 2
             main(base + ["--limit", limit])
-        assert f"'{limit}' is not a number of rows >= 1" in capsys.readouterr().err
+        assert f"'{limit}' is not a whole number >= 1" in capsys.readouterr().err
     assert main(base + ["--limit", "10", "--key", str(CIFAR10)]) == 2  # a folder that holds files, but no key
     err = capsys.readouterr().err
     assert "is not a key folder" in err and "--out NEW_FOLDER" in err

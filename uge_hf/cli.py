@@ -105,13 +105,16 @@ def _evaluate(args) -> int:
     keys = [AuthorizedModel.from_pretrained(k) for k in args.key]
     if args.figure and importlib.util.find_spec("matplotlib") is None:  # say so before hours of training
         raise ValueError("--figure needs matplotlib: pip install 'uge-hf[plot]'")
-    for flag, path in (("--json", args.json), ("--figure", args.figure)):
+    for flag, path in (("--json", args.json), ("--figure", args.figure)):  # checked before training, so no run is lost
         folder = Path(path).resolve().parent if path else None
         if folder and not folder.is_dir():
             raise FileNotFoundError(f"{flag} {path}: folder {folder} does not exist; create it, or pick a path in "
                                     "an existing folder (checked before training, so no run is lost)")
+        if path and (Path(path).exists() or Path(path).is_symlink()):  # it may be a key, a shard, the card, or yours
+            raise FileExistsError(f"{flag} {path} exists, and uge-hf never overwrites a file it cannot tell it wrote: "
+                                  "pass a new path, or move that one away")
     figure = record_figure(Path(args.protected)) if args.update_card else None  # a figure not uge-hf's is refused before training
-    attacks = ["none"] + [a for a in args.attacks.split(",") if a]
+    attacks = ["none"] + names(args.attacks)
     for name in attacks:  # a misspelt attack fails now, before any warning or training
         get_attack(name)
     metadata = read_metadata(args.protected)
@@ -132,9 +135,9 @@ def _evaluate(args) -> int:
     check_correspondence(clean_train, protected, metadata, keys[0].in_channels)
     test = clean[args.test_split]
     test = test.select(range(min(len(test), args.test_size))) if args.test_size else test
-    report = evaluate(protected, test, keys, clean_train=clean_train, hackers=args.hackers.split(",") if args.hackers else DEFAULT_HACKERS,
+    report = evaluate(protected, test, keys, clean_train=clean_train, hackers=names(args.hackers) or DEFAULT_HACKERS,
                       epochs=args.epochs, attacks=attacks, attack_clean=args.attack_clean,
-                      attacked_models=args.attacked_models.split(",") if args.attacked_models else None,
+                      attacked_models=names(args.attacked_models) or None,
                       eval_every=args.eval_every, verbose=not args.quiet)
     print(report.to_markdown())
     print(json.dumps(report.summary(), indent=2))
@@ -191,6 +194,11 @@ def _verify(args) -> int:
     return 0
 
 
+def names(text: Optional[str]) -> list[str]:
+    """A comma-separated list of names (``"vgg-small, mobilenet-small"``), blanks dropped."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
     try:
@@ -198,7 +206,7 @@ def positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
 
 
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", required=True, action="append", help="key folder or Hub model repo; repeat it for a dataset "
                    "protected for several keys (each gets a row)")
     p.add_argument("--limit", type=positive_int, help="train on the first N protected rows only (and their clean rows): a quick look")
-    p.add_argument("--test-size", type=int, help="test on the first N rows of the test split only (default: all)")
+    p.add_argument("--test-size", type=positive_int, help="test on the first N rows of the test split only (default: all)")
     p.add_argument("--hackers", help=f"comma-separated architectures trained as hackers (default: {HACKERS_HELP})")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
@@ -276,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "each costs one training per defense)")
     p.add_argument("--attack-clean", action="store_true", help="also train each attacked model with the attack on the clean rows "
                    "(what the defense costs by itself)")
-    p.add_argument("--epochs", type=int, default=15, help="epochs per training")
-    p.add_argument("--eval-every", type=int, default=1, help="test after every k-th epoch and the last (best-epoch accuracy among those)")
+    p.add_argument("--epochs", type=positive_int, default=15, help="epochs per training")
+    p.add_argument("--eval-every", type=positive_int, default=1, help="test after every k-th epoch and the last (best-epoch accuracy among those)")
     p.add_argument("--figure", help="draw the table as a PNG heatmap here (needs matplotlib: pip install 'uge-hf[plot]')")
     p.add_argument("--test-split", default="test", help="the clean split accuracy is measured on")
     p.add_argument("--json", help="write rows and summary here")
@@ -325,7 +333,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"\nuge-hf {args.command}: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
+        # Only protect keeps its progress (shards, the state's epochs); the other commands start over.
+        again = "rerun the same command to resume where it stopped" if args.command == "protect" else "rerun it to start again"
+        print(f"\nuge-hf {args.command}: interrupted; {again}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:
         for kinds, code, label in failures:
