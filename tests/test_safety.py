@@ -537,6 +537,13 @@ def test_grayscale_data_with_a_color_key_points_to_a_grayscale_key(tmp_path, row
     assert_refused(tmp_path, ds, key, fast, "grayscale .* in_channels=1")
 
 
+def test_color_data_with_a_grayscale_key_is_refused_not_published_gray(tmp_path, rows, fast):
+    gray_key = AuthorizedModel.create("convnet", 10, in_channels=1)
+    assert_refused(tmp_path, rows.select(range(20)), gray_key, fast, "holds color images \\(modes RGB\\) but the key takes 1 channel")
+    as_gray = rows.select(range(20)).cast_column("img", Image(mode="L"))  # what the error offers: grayscale on purpose
+    assert protect(as_gray, gray_key, fast, output_dir=tmp_path / "gray", verbose=False)["train"][0]["img"].mode == "L"
+
+
 def test_unsigned_labels_are_accepted(tmp_path, rows, key, fast):
     ds = rows.cast_column("label", Value("uint8"))
     out = protect(ds, key, fast, output_dir=tmp_path / "out", label_column="label", verbose=False)

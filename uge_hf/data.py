@@ -321,8 +321,16 @@ def _header_size(item: dict, row: int, image_column: str) -> tuple[int, int]:
 
 
 def check_color_mode(survey: ImageSurvey, channels: int, split: str) -> None:
-    """Refuse grayscale data for a color key: the output would be RGB with colored noise,
-    three times the size, and the data owner most likely meant a grayscale key."""
+    """Refuse grayscale data for a color key (the output would be RGB with colored noise,
+    three times the size, and the data owner most likely meant a grayscale key), and color
+    data for a grayscale key (the output would be grayscale: every pixel moved by far more
+    than ε, which the card promises)."""
+    colour = sorted(survey.modes - set(GRAYSCALE_MODES))
+    if channels == 1 and colour:
+        raise ValueError(f"split {split!r} holds color images (modes {', '.join(colour)}) but the key takes 1 channel, so the "
+                         "protected images would be grayscale, each pixel moved by far more than epsilon; use a 3-channel key "
+                         "(uge-hf keygen without --in-channels), or make the column grayscale first if that is what you mean to "
+                         "publish (dataset.cast_column(column, datasets.Image(mode='L')))")
     if channels == 3 and survey.modes and survey.modes <= set(GRAYSCALE_MODES):
         raise ValueError(f"every image of split {split!r} is grayscale (modes {', '.join(sorted(survey.modes))}) but the key takes "
                          "3 channels, so the protected images would become RGB with colored noise; create a grayscale key "
