@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -15,7 +16,7 @@ import pytest
 from datasets import Array3D, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from huggingface_hub import HfApi
 
-from uge_hf import AuthorizedModel, ProtectConfig, UGETransform, load_protected, protect, push_to_hub, verify
+from uge_hf import AuthorizedModel, GuessableKeyWarning, ProtectConfig, UGETransform, load_protected, protect, push_to_hub, verify
 from uge_hf.cli import main
 from uge_hf.hub import TamperedShardError
 from uge_hf.utils import sha256_file
@@ -172,6 +173,20 @@ def test_no_state_outlives_a_run_without_output_dir(tmp_path, rows, key, fast, m
     assert len(out["train"]) == 40
     leftovers = [p for p in tmp_path.rglob("*.safetensors")]
     assert leftovers == [], "θ0's trajectory must not stay behind in a temporary folder"
+
+
+def test_a_key_from_a_small_seed_is_warned_of_without_naming_it(tmp_path, rows, fast):
+    seeded = AuthorizedModel.create("resnet-small", 10, seed=3)  # what keygen --seed makes
+    with pytest.warns(GuessableKeyWarning, match="^key 1 of 1 was created from a small explicit seed") as caught, \
+            pytest.raises(ValueError, match="overlap"):  # refused right after the advice: nothing is written
+        protect(rows, seeded, fast, output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "s", verbose=False)
+    assert caught[0].filename == __file__ and "resnet-small" not in str(caught[0].message) and " 3" not in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GuessableKeyWarning)  # a key from the OS's random source: no advice
+        with pytest.raises(ValueError, match="overlap"):
+            protect(rows, AuthorizedModel.create("resnet-small", 10), fast, output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "s",
+                    verbose=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_card_and_metadata_say_nothing_that_narrows_the_search_for_the_key(tmp_path, rows, fast):
@@ -647,7 +662,6 @@ def test_a_run_without_the_misalignment_is_flagged_as_unprotected(tmp_path, rows
 
 
 def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path, cifar, key, rows, fast, monkeypatch):
-    import warnings
 
     import uge_hf.config
     from uge_hf.config import LARGE_DATASET_ROWS, LargeDatasetWarning, large_dataset_advice
@@ -675,6 +689,7 @@ def test_a_large_dataset_under_weak_matching_is_warned_before_any_work(tmp_path,
     assert large_dataset_advice(LARGE_DATASET_ROWS, ProtectConfig(lambda_gm=3.0, lambda_fd=0.0)) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no advice where the matching is strong enough, or the rows few enough
+        warnings.simplefilter("ignore", GuessableKeyWarning)  # the tests' keys are seeded
         for data, keys, config in ((large, key, ProtectConfig.preset("large")), (large, key, ProtectConfig.preset("key-first")),
                                    (large, [key, partner], ProtectConfig.preset("large")),  # in turns: each held as one key
                                    (large.select(range(LARGE_DATASET_ROWS - 1)), key, ProtectConfig())):

@@ -13,7 +13,8 @@ __version__ = "0.2.1"
 # Names resolve on first use (PEP 562): `uge-hf --help` and `--version` answer without
 # importing torch and datasets, which take seconds.
 _EXPORTS = {
-    "AuthorizedModel": "key", "LargeDatasetWarning": "config", "MixedKeysWarning": "config", "ProtectConfig": "config", "UGETransform": "transform", "evaluate": "evaluation",
+    "AuthorizedModel": "key", "GuessableKeyWarning": "config", "LargeDatasetWarning": "config", "MixedKeysWarning": "config",
+    "ProtectConfig": "config", "UGETransform": "transform", "evaluate": "evaluation",
     "load_protected": "hub", "protect": "protection", "push_to_hub": "hub", "train_authorized": "evaluation", "verify": "hub",
 }
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -319,6 +319,17 @@ class LargeDatasetWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=LargeDatasetWarning)`` silences it."""
 
 
+# keygen draws 63-bit seeds from the OS (uge_hf.key.AuthorizedModel.create), which fall below this
+# once in 2**31; an explicit seed, for tests, almost always does, and a search reaches it.
+GUESSABLE_SEED = 2**32
+
+
+class GuessableKeyWarning(UserWarning):
+    """A key was created from a small explicit seed, which a search rebuilds from the card's
+    weight hash (:func:`guessable_key_advice`); ``warnings.filterwarnings("ignore",
+    category=GuessableKeyWarning)`` silences it, for tests and benchmarks."""
+
+
 class MixedKeysWarning(UserWarning):
     """Keys of different architectures take turns in gradient matching, which was measured to
     short-change one of them (:func:`mixed_keys_advice`); ``warnings.filterwarnings("ignore",
@@ -395,11 +406,33 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
             "(a reader could take it to mean that the keys differ in architecture) unless disclose_key_architecture is set. Check each key with uge-hf evaluate before publishing")
 
 
-def advise(rows: int, architectures: Sequence[str], config: ProtectConfig) -> None:
+def guessable_key_advice(seeds: Sequence[Optional[int]]) -> Optional[str]:
+    """The :class:`GuessableKeyWarning` for keys created from the given ``seeds`` (one per key,
+    ``None`` where unknown), or ``None`` when none is below :data:`GUESSABLE_SEED`. It names
+    neither the seed nor the architecture: logs get shared.
+
+    Example:
+        >>> guessable_key_advice([2**62 + 5, None]) is None
+        True
+        >>> guessable_key_advice([2**62, 7]).startswith("key 2 of 2 was created from a small explicit seed")
+        True
+    """
+    small = [i for i, seed in enumerate(seeds, start=1) if seed is not None and seed < GUESSABLE_SEED]
+    if not small:
+        return None
+    which = ", ".join(str(i) for i in small)
+    return (f"key {which} of {len(seeds)} was created from a small explicit seed: trying seeds of each architecture against "
+            "the card's weight hash rebuilds θ0 in seconds, and with it all the key gives. For data you publish, create keys "
+            "from the OS's random source (AuthorizedModel.create(architecture, num_classes), uge-hf keygen without --seed)")
+
+
+def advise(rows: int, keys: Sequence, config: ProtectConfig) -> None:
     """Warn, before any work, what the measurements say about this run: :func:`large_dataset_advice`
-    for ``rows`` protected rows and :func:`mixed_keys_advice` for keys of ``architectures``. For
-    ``protect`` and ``UGETransform.fit``: the warnings point at their caller's line."""
+    for ``rows`` protected rows, :func:`mixed_keys_advice` and :func:`guessable_key_advice` for
+    ``keys`` (``AuthorizedModel``s). For ``protect`` and ``UGETransform.fit``: the warnings point
+    at their caller's line."""
     for advice, category in ((large_dataset_advice(rows, config), LargeDatasetWarning),
-                             (mixed_keys_advice(architectures, config), MixedKeysWarning)):
+                             (mixed_keys_advice([k.architecture for k in keys], config), MixedKeysWarning),
+                             (guessable_key_advice([k.seed for k in keys]), GuessableKeyWarning)):
         if advice:
             warnings.warn(advice, category, stacklevel=3)  # advise, its caller, the user's line

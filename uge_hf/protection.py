@@ -228,7 +228,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     if fit_split not in splits:
         raise ValueError(f"fit_split {fit_split!r} is not among the protected splits {splits}")
     # A partner may train on every protected split together: their rows are what the key must withstand.
-    advise(sum(len(data[s]) for s in splits), [k.architecture for k in keys], config)
+    advise(sum(len(data[s]) for s in splits), keys, config)
     copied = [s for s in data if s not in splits] if other_splits == "copy" else []
     for name in copied:
         find_columns(data[name], columns[0], None if columns[1] not in data[name].features else columns[1])

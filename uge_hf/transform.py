@@ -117,7 +117,7 @@ class UGETransform:
                 or config.
         """
         config = config or ProtectConfig()
-        advise(len(dataset), [k.architecture for k in authorized_keys(key)], config)
+        advise(len(dataset), authorized_keys(key), config)
         return cls._fit(dataset, key, config, image_column=image_column, label_column=label_column,
                         feature_backbone=feature_backbone, cache_dir=cache_dir, verbose=verbose)
 
