@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import PIL.Image
@@ -619,6 +620,39 @@ def test_hub_failures_are_one_line_errors(two_shard_run, key, tmp_path, hub_serv
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and "Traceback" not in "".join(errors)
     assert "no Hub dataset repo 'tester/no-such-dataset'" in errors[0] and "no folder" in errors[1] and "HF_TOKEN" in errors[2]
+
+
+def test_an_edited_card_is_never_overwritten(tmp_path, rows, key, fast):
+    """A Hub user edits README.md: a rerun, an overwrite and evaluate --update-card refuse to replace it, before any work."""
+    from uge_hf.card import record_efficacy
+    from uge_hf.cli import main
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1})  # uge-hf's own rewrite is recorded as its own
+    protect(rows, key, fast, output_dir=out, verbose=False)  # and a rerun may replace it
+    card = out / "README.md"
+    card.write_text(card.read_text() + "\nMY OWN NOTES\n")
+    shards = {p: p.read_bytes() for p in (out / "data").iterdir()}
+    for attempt in (lambda: protect(rows, key, fast, output_dir=out, verbose=False),
+                    lambda: protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False),
+                    lambda: record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1})):
+        with pytest.raises(FileExistsError, match="README.md was edited since uge-hf wrote it.*card_template"):
+            attempt()
+    key.save_pretrained(tmp_path / "key")
+    code = main(["evaluate", str(out), "--clean", str(CIFAR10), "--key", str(tmp_path / "key"), "--update-card", "--quiet"])
+    assert code == 2 and card.read_text().endswith("MY OWN NOTES\n")
+    assert shards == {p: p.read_bytes() for p in (out / "data").iterdir()} and not (out / ".uge_hf_partial").exists()
+    card.unlink()  # moved away: the run may write its card again
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    assert "MY OWN NOTES" not in card.read_text()
+
+
+def test_a_card_template_that_is_not_a_file_is_refused_before_any_work(tmp_path, rows, key, fast):
+    assert_refused_error = pytest.raises(FileNotFoundError, match="card_template .* is not a file")
+    with assert_refused_error:
+        protect(rows, key, fast, output_dir=tmp_path / "refused", card_template=tmp_path / "nope.md", verbose=False)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_rerun_keeps_the_measured_efficacy(tmp_path, rows, key, fast):

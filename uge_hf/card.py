@@ -12,7 +12,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .config import ProtectConfig
 from .evaluation import efficacy_markdown
-from .folder import CARD_NAME, folder_features, read_metadata, shards_by_split, write_metadata
+from .folder import CARD_NAME, check_card, folder_features, read_metadata, record_card, shards_by_split, write_metadata
 from .utils import atomic_write
 
 DEFAULT_TEMPLATE = "dataset_card.md"
@@ -176,7 +176,10 @@ def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     ``uge-hf evaluate --json`` writes it) in a protected folder's metadata and card, as
     :func:`public_efficacy` leaves it (both are public)."""
     folder = Path(folder)
+    check_card(folder)
     metadata = read_metadata(folder)
     metadata["efficacy"] = public_efficacy(efficacy, all("architecture" in k for k in metadata["keys"]))
     write_metadata(folder, metadata)
-    return write_card(folder, metadata, folder_features(folder))
+    card = write_card(folder, metadata, folder_features(folder))
+    record_card(folder)
+    return card

@@ -83,6 +83,7 @@ def _protect(args) -> int:
     out = protect(dataset, keys, config, output_dir=args.out, splits=args.splits, image_column=args.image_column,
                   label_column=args.label_column, overwrite=args.overwrite, output_format=args.format,
                   shard_size=args.shard_size, source=source, disclose_key_architecture=args.disclose_key_architecture,
+                  card_template=args.card_template,
                   verbose=not args.quiet)
     print(f"protected {', '.join(f'{s}: {len(d)} rows' for s, d in out.items())} into {args.out}")
     return 0
@@ -95,7 +96,7 @@ def _evaluate(args) -> int:
 
     from .attacks import get_attack
     from .evaluation import evaluate
-    from .folder import load_output, read_metadata, record_figure
+    from .folder import check_card, load_output, read_metadata, record_figure
     from .hub import verify
     from .key import AuthorizedModel
     from .models import DEFAULT_HACKERS
@@ -113,6 +114,8 @@ def _evaluate(args) -> int:
         if path and (Path(path).exists() or Path(path).is_symlink()):  # it may be a key, a shard, the card, or yours
             raise FileExistsError(f"{flag} {path} exists, and uge-hf never overwrites a file it cannot tell it wrote: "
                                   "pass a new path, or move that one away")
+    if args.update_card:
+        check_card(Path(args.protected))  # an edited card is refused before training, not after
     figure = record_figure(Path(args.protected)) if args.update_card else None  # a figure not uge-hf's is refused before training
     attacks = ["none"] + names(args.attacks)
     for name in attacks:  # a misspelt attack fails now, before any warning or training
@@ -262,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", help="the Image column (default: found by type)")
     p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
     p.add_argument("--license", help="the source dataset's license id, recorded in the card (default: other)")
+    p.add_argument("--card-template", help="your own Jinja template for the card (default: uge-hf's card_templates/dataset_card.md; "
+                   "uge_hf.card.render_card lists what it receives)")
     p.add_argument("--disclose-key-architecture", action="store_true", help="record each key's architecture, and "
                    "--match-every-key, in the public card (narrows a hacker's search: off by default)")
     p.add_argument("--overwrite", action="store_true", help="replace another uge-hf run in --out (only files uge-hf wrote are deleted)")

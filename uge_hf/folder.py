@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional
 
 from datasets import DatasetDict, load_dataset
 
-from .utils import atomic_write, foreign_entries, is_temporary_of, private_dir
+from .utils import atomic_write, foreign_entries, is_temporary_of, private_dir, sha256_file
 
 METADATA_NAME = "uge_hf.json"
 CARD_NAME = "README.md"
@@ -256,6 +256,27 @@ def record_figure(out: Path) -> Path:
     return figure
 
 
+def check_card(out: Path) -> None:
+    """Refuse to replace ``out``'s card if it was edited since uge-hf wrote it (the manifest
+    keeps the hash of the card it wrote; :func:`record_card`): a Hub user edits ``README.md``.
+
+    Raises:
+        FileExistsError: the card differs from the one uge-hf wrote.
+    """
+    recorded, card = (_owned(out) or {}).get("card_sha256"), out / CARD_NAME
+    if recorded and card.is_file() and sha256_file(card) != recorded:
+        raise FileExistsError(f"{card} was edited since uge-hf wrote it, and uge-hf never overwrites what it did not write: "
+                              "keep your edits in a card template (protect(card_template=...), uge-hf protect --card-template) or "
+                              "elsewhere, "
+                              "move the card away, and rerun")
+
+
+def record_card(out: Path) -> None:
+    """Record the card uge-hf just wrote into ``out`` in its manifest (:func:`check_card`)."""
+    record = _owned(out) or {"files": [CARD_NAME], "dirs": []}
+    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", "card_sha256": sha256_file(out / CARD_NAME)})
+
+
 def has_figure(out: Path) -> bool:
     """Whether ``out`` holds an efficacy figure that uge-hf drew (:func:`record_figure`)."""
     record = _owned(out)
@@ -294,6 +315,7 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
     if foreign:
         raise FileExistsError(f"{out} holds files uge-hf did not write ({_listing(sorted(foreign))}); uge-hf never deletes or writes "
                               "beside files it does not own, even with overwrite (--overwrite): choose a new or empty output_dir (--out)")
+    check_card(out)  # a rerun, or an overwrite, would replace it
     if any(record is not None and record["run_id"] != run_id for record in (published, pending)) and not overwrite:
         raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "
                               "(--overwrite) to replace its files (only those uge-hf recorded there are deleted, and only once "
@@ -344,7 +366,8 @@ def publish_output(out: Path) -> None:
     for rel in sorted(stale):
         (out / rel).unlink(missing_ok=True)
         remove_empty_dirs((out / rel).parent, out)
-    _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files), "dirs": sorted(new_dirs)})
+    _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files), "dirs": sorted(new_dirs),
+                          **({"card_sha256": sha256_file(out / CARD_NAME)} if (out / CARD_NAME).is_file() else {})})
     discard_staging(out)
 
 

@@ -206,6 +206,9 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise ValueError(f"other_splits must be 'copy' or 'drop', not {other_splits!r}")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of rows, not {shard_size!r}")
+    if card_template is not None and not Path(card_template).is_file():  # read at the end of the run: checked now
+        raise FileNotFoundError(f"card_template {card_template} is not a file; pass a Jinja template's path (uge_hf.card.render_card "
+                                "lists what it receives), or leave it out for uge-hf's")
     keys = authorized_keys(key)
     key = keys[0]  # the keys share classes and channels
     data = resolve_dataset(dataset)
