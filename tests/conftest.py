@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -41,11 +40,12 @@ import datasets  # noqa: E402  (after the environment above)
 
 datasets.disable_progress_bars()  # quiet logs; tests that check the bars turn them back on
 
-# The tests' keys are seeded, for reproducibility (test_safety checks the warning itself). Set
-# here, after the environment above: importing uge_hf imports huggingface_hub.
-from uge_hf.config import GuessableKeyWarning  # noqa: E402
 
-warnings.filterwarnings("ignore", category=GuessableKeyWarning)
+def pytest_configure(config):
+    # The tests' keys are seeded, for reproducibility (test_safety checks the warning itself).
+    # Not in pyproject: pytest would import uge_hf, and with it huggingface_hub, before the
+    # environment above points it at the test server.
+    config.addinivalue_line("filterwarnings", "ignore::uge_hf.config.GuessableKeyWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = Path(os.environ.get("UGE_HF_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))

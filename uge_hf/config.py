@@ -416,12 +416,15 @@ def guessable_key_advice(seeds: Sequence[Optional[int]]) -> Optional[str]:
         True
         >>> guessable_key_advice([2**62, 7]).startswith("key 2 of 2 was created from a small explicit seed")
         True
+        >>> guessable_key_advice([1, 2, 3]).startswith("keys 1, 2 and 3 of 3 were created")
+        True
     """
     small = [i for i, seed in enumerate(seeds, start=1) if seed is not None and seed < GUESSABLE_SEED]
     if not small:
         return None
-    which = ", ".join(str(i) for i in small)
-    return (f"key {which} of {len(seeds)} was created from a small explicit seed: trying seeds of each architecture against "
+    which = f"key {small[0]} of {len(seeds)} was" if len(small) == 1 else \
+        f"keys {', '.join(map(str, small[:-1]))} and {small[-1]} of {len(seeds)} were"
+    return (f"{which} created from a small explicit seed: trying seeds of each architecture against "
             "the card's weight hash rebuilds θ0 in seconds, and with it all the key gives. For data you publish, create keys "
             "from the OS's random source (AuthorizedModel.create(architecture, num_classes), uge-hf keygen without --seed)")
 
