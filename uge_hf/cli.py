@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "that give the same bytes; raise it to launch more")
     p.add_argument("--resize", type=parse_resize, help="resize every image to WxH pixels, e.g. 64x48 (default: native sizes)")
     p.add_argument("--shard-size", type=int, default=5000, help="rows per output shard, rounded down to whole --batch-size batches (at least one)")
-    p.add_argument("--format", default="parquet", choices=["parquet", "arrow"], help="parquet for load_dataset, arrow for load_from_disk")
+    p.add_argument("--format", default="parquet", choices=["parquet", "arrow"], help="parquet (load_dataset(OUT)) or arrow: "
+                   "save_to_disk's layout in OUT/arrow (load_from_disk('OUT/arrow')); load_protected reads either")
     p.add_argument("--image-column", help="the Image column (default: found by type)")
     p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
     p.add_argument("--license", help="the source dataset's license id, recorded in the card (default: other)")

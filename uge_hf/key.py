@@ -152,7 +152,8 @@ class AuthorizedModel:
                 if any(path.iterdir()):  # keygen refuses a folder that holds anything: do not send the user there
                     raise FileNotFoundError(f"{path} is not a key folder (no {WEIGHTS_NAME}); pass the folder `uge-hf keygen` "
                                             "wrote, or make a key in a new folder with `uge-hf keygen --out NEW_FOLDER`")
-                raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; create a key with `uge-hf keygen --out {path}`")
+                raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}; pass the folder of the key (to verify or train: the one "
+                                        f"the data owner gave you; to protect with a new key: make one with `uge-hf keygen --out {path}`)")
         elif path.exists():
             raise ValueError(f"{path} is a file; pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         elif not looks_like_repo_id(str(name_or_path)):
