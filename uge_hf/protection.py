@@ -144,8 +144,9 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         config: a :class:`ProtectConfig` (default: the benchmarked setting).
         output_dir: where ``data/{split}-{i:05d}-of-{n:05d}.parquet``, ``README.md`` and
             ``uge_hf.json`` go: a new or empty folder, or one an earlier attempt of this very
-            run wrote (it resumes). ``None``: a temporary folder (and the state is deleted
-            after the run).
+            run wrote (it resumes). ``None``: a temporary folder under ``tempfile.gettempdir()``,
+            which stays (the returned dataset reads its files; delete it when done), while
+            the state is deleted after the run.
         splits: splits to protect (default: all). ``other_splits="copy"`` writes the rest
             with the same pixels but re-encoded as PNG (no metadata, no paths), ``"drop"``
             leaves them out.
@@ -153,7 +154,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             else the first protected split).
         shard_size: rows per shard, rounded down to whole batches.
         output_format: ``"parquet"`` (``load_dataset(output_dir)``) or ``"arrow"``
-            (``save_to_disk`` layout, for ``load_from_disk``).
+            (``save_to_disk`` layout in ``output_dir/arrow``, for ``load_from_disk``).
         state_dir: where the shared state and progress live (default ``<output_dir>.uge-state``),
             owner-only (0700). It holds the key's trajectory, θ0 included: never publish it.
         overwrite: replace another uge-hf run's files in ``output_dir`` and ``state_dir``.
