@@ -12,6 +12,27 @@ def test_same_seed_same_fingerprint_other_seed_other(key):
     assert key.sibling(1).fingerprint != key.fingerprint
 
 
+def test_a_drawn_key_has_more_than_the_32_bits_torch_keeps_of_a_seed():
+    """torch.manual_seed(s) and torch.manual_seed(s + 2**32) give the same numbers: a key drawn
+    from a 63-bit seed would be one of 2**32 per architecture, which a search covers."""
+    from uge_hf.key import SEED_SPACE
+    from uge_hf.models import create_model
+
+    big = SEED_SPACE + 5
+    torch.manual_seed(5)
+    low = AuthorizedModel.from_module("convnet", create_model("convnet", 10), 10)
+    assert AuthorizedModel.create("convnet", 10, seed=5).fingerprint == low.fingerprint  # small seeds: torch.manual_seed
+    drawn = AuthorizedModel.create("convnet", 10, seed=big)
+    assert drawn.fingerprint != low.fingerprint and drawn.fingerprint == AuthorizedModel.create("convnet", 10, seed=big).fingerprint
+    assert drawn.fingerprint != AuthorizedModel.create("convnet", 10, seed=big + SEED_SPACE).fingerprint
+    # Each tensor is drawn as the model's own initialization draws it (same shapes, same scale).
+    reference = create_model("convnet", 10).state_dict()
+    for name, tensor in drawn.state_dict.items():
+        assert tensor.shape == reference[name].shape
+        if tensor.is_floating_point() and tensor.numel() > 100:
+            assert 0.8 < float(tensor.std() / reference[name].std()) < 1.25
+
+
 def test_fingerprint_survives_save_and_load(tmp_path, key):
     key.save_pretrained(tmp_path)
     loaded = AuthorizedModel.from_pretrained(tmp_path)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import MIN_SIDE
+from .key import SEED_SPACE
 from .losses import DEFENSE_VIEWS
 from .models import DEFAULT_SURROGATES, list_models
 from .training import RECIPES
@@ -319,9 +320,10 @@ class LargeDatasetWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=LargeDatasetWarning)`` silences it."""
 
 
-# keygen draws 63-bit seeds from the OS (uge_hf.key.AuthorizedModel.create), which fall below this
-# once in 2**31; an explicit seed, for tests, almost always does, and a search reaches it.
-GUESSABLE_SEED = 2**32
+# Seeds below this initialize θ0 through torch.manual_seed alone, which a search covers; keygen
+# draws 63-bit seeds from the OS (uge_hf.key.AuthorizedModel.create), which fall below it once in
+# 2**31, while an explicit seed, for tests, almost always does.
+GUESSABLE_SEED = SEED_SPACE
 
 
 class GuessableKeyWarning(UserWarning):

@@ -29,6 +29,15 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed.
+SEED_SPACE = 2**32
+
+
+def tensor_seed(seed: int, index: int) -> int:
+    """The torch seed of θ0's ``index``-th tensor for a key seed of :data:`SEED_SPACE` or more."""
+    return int.from_bytes(hashlib.sha256(f"uge-hf key {seed} tensor {index}".encode()).digest()[:4], "big")
+
+
 class AuthorizedModel:
     """The authorized model ("key"): an architecture name and its initial weights θ0.
 
@@ -62,21 +71,34 @@ class AuthorizedModel:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def create(cls, architecture: str = "convnet", num_classes: int = 10, seed: Optional[int] = None, in_channels: int = 3) -> "AuthorizedModel":
-        """A new key: ``architecture`` initialized from ``torch.manual_seed(seed)``.
+        """A new key: ``architecture`` initialized as :func:`uge_hf.models.create_model` does,
+        from ``seed``.
 
         ``seed=None`` (the default) draws a 63-bit seed from the OS's random source
-        (:mod:`secrets`), so nobody can rebuild θ0 by trying seeds. An explicit seed is for
-        tests and reproducible experiments: anyone who guesses it holds the key.
+        (:mod:`secrets`), so nobody can rebuild θ0 by trying seeds. torch's CPU generator
+        keeps only a seed's low 32 bits, which a search covers (about 60 core-days for a convnet), so a
+        seed of :data:`SEED_SPACE` or more draws each tensor of θ0 from a seed of its own (32
+        bits each, derived from the whole seed by SHA-256): the weights hash can only be
+        matched by trying whole seeds. A smaller, explicit seed is ``torch.manual_seed(seed)``,
+        for tests and reproducible experiments: anyone who guesses it holds the key.
 
         Raises:
             ValueError: ``num_classes < 2`` or ``in_channels < 1``, or an unknown architecture.
         """
         check_shape(num_classes, in_channels)
         seed = secrets.randbits(63) if seed is None else int(seed)
+
+        def init(torch_seed: int) -> dict[str, torch.Tensor]:
+            torch.manual_seed(torch_seed)
+            return create_model(architecture, num_classes, in_channels).state_dict()
+
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = create_model(architecture, num_classes, in_channels)
-        return cls(architecture, module.state_dict(), num_classes, in_channels, seed=seed)
+            if seed < SEED_SPACE:
+                weights = init(seed)
+            else:  # each tensor as the model's own initialization draws it, from its own seed
+                names = list(init(0))
+                weights = {name: init(tensor_seed(seed, i))[name] for i, name in enumerate(names)}
+        return cls(architecture, weights, num_classes, in_channels, seed=seed)
 
     @classmethod
     def from_module(cls, architecture: str, module: nn.Module, num_classes: int, in_channels: int = 3) -> "AuthorizedModel":
