@@ -642,10 +642,24 @@ def test_an_edited_card_is_never_overwritten(tmp_path, rows, key, fast):
     key.save_pretrained(tmp_path / "key")
     code = main(["evaluate", str(out), "--clean", str(CIFAR10), "--key", str(tmp_path / "key"), "--update-card", "--quiet"])
     assert code == 2 and card.read_text().endswith("MY OWN NOTES\n")
+    with pytest.raises(FileExistsError, match="was edited since uge-hf wrote it"):  # push renders the card afresh
+        push_to_hub(out, "tester/edited")
     assert shards == {p: p.read_bytes() for p in (out / "data").iterdir()} and not (out / ".uge_hf_partial").exists()
     card.unlink()  # moved away: the run may write its card again
     protect(rows, key, fast, output_dir=out, verbose=False)
     assert "MY OWN NOTES" not in card.read_text()
+
+
+def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):
+    from uge_hf.card import record_efficacy
+    from uge_hf.folder import has_figure, record_figure
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    record_figure(out).write_bytes(b"\x89PNG drawn by evaluate")
+    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1, "figure": "efficacy.png"})
+    protect(rows, key, fast, output_dir=out, verbose=False)  # same run: the card still shows the figure, so it stays
+    assert has_figure(out) and "(efficacy.png)" in (out / "README.md").read_text()
 
 
 def test_a_card_template_that_is_not_a_file_is_refused_before_any_work(tmp_path, rows, key, fast):
@@ -659,12 +673,13 @@ def test_a_rerun_keeps_the_measured_efficacy(tmp_path, rows, key, fast):
     from uge_hf.card import record_efficacy
 
     out = tmp_path / "out"
-    protect(rows, key, fast, output_dir=out, verbose=False)
+    protect(rows, key, fast, output_dir=out, disclose_key_architecture=True, verbose=False)
     rows_ = [{"model": "key θ0", "attack": "none", "clean_acc": 50.0, "protected_acc": 49.0, "ratio": 0.98}]
     record_efficacy(out, {"rows": rows_, "summary": {}, "epochs": 15})
-    recorded = json.loads((out / "uge_hf.json").read_text())["efficacy"]
-    protect(rows, key, fast, output_dir=out, verbose=False)  # same run: resumes, rewrites the card
-    assert json.loads((out / "uge_hf.json").read_text())["efficacy"] == recorded and recorded["rows"][0]["ratio"] == 0.98
+    assert json.loads((out / "uge_hf.json").read_text())["efficacy"]["rows"] == rows_  # disclosed: all of it
+    protect(rows, key, fast, output_dir=out, verbose=False)  # same run, no longer disclosed: resumes, rewrites the card
+    kept = json.loads((out / "uge_hf.json").read_text())["efficacy"]["rows"]
+    assert kept[0]["ratio"] == 0.98 and kept[0]["clean_acc"] is None and "50.00" not in (out / "README.md").read_text()
     assert "## Measured efficacy" in (out / "README.md").read_text()
 
 

@@ -59,22 +59,35 @@ def public_efficacy(efficacy: Optional[dict], disclose_key_architecture: bool) -
     --json`` writes it) as the public record holds it (DESIGN.md 2).
 
     Training times go: how long the key's rows took tells a hacker how big its architecture
-    is. Unless the keys' architectures are disclosed, the keys' rows (``key θ0 ...``, ``key
-    arch, seed ...``) keep their ratios only: their accuracies, and the summary's
-    ``authorized_gap_pt`` (with the ratio, the clean accuracy), can be matched by training each
-    candidate architecture on the public clean rows, which names the key's."""
+    is. Unless the keys' architectures are disclosed, what a reader could match by training
+    each candidate architecture on the public rows goes too: the rows of the key's
+    architecture from another seed (a public seed, so their figures are reproducible exactly),
+    the keys' accuracies and the summary's ``authorized_gap_pt`` (with a ratio, the clean
+    accuracy). The keys' ratios stay, to two decimals: unrounded, a ratio of two accuracies
+    over ``test_rows`` images gives both back."""
     if efficacy is None:
         return None
     from .evaluation import KEY, SIBLING_PREFIX
 
     def public(row: dict) -> dict:
         row = {k: v for k, v in row.items() if not k.endswith("seconds")}
-        if not disclose_key_architecture and row["model"].startswith((KEY, SIBLING_PREFIX)):
+        if not disclose_key_architecture and row["model"].startswith(KEY):
             row.update(dict.fromkeys(KEY_ROW_ACCURACIES))
+            row.update({k: round(row[k], 2) for k in ("ratio", "best_ratio") if row.get(k) is not None})
         return row
 
-    summary = {k: v for k, v in (efficacy.get("summary") or {}).items() if disclose_key_architecture or k != "authorized_gap_pt"}
-    return {**efficacy, "rows": [public(r) for r in efficacy.get("rows", [])], "summary": summary}
+    hidden = (lambda r: False) if disclose_key_architecture else (lambda r: r["model"].startswith(SIBLING_PREFIX))
+    summary = dict(efficacy.get("summary") or {})
+    if not disclose_key_architecture:
+        for name in ("authorized_gap_pt", "sibling_ratio"):
+            summary.pop(name, None)
+        for name in ("key_ratio", "key_best_ratio"):
+            if summary.get(name) is not None:
+                summary[name] = round(summary[name], 2)
+        for name in ("key_ratios", "key_recipe_ratios"):
+            if summary.get(name):
+                summary[name] = {k: round(v, 2) for k, v in summary[name].items()}
+    return {**efficacy, "rows": [public(r) for r in efficacy.get("rows", []) if not hidden(r)], "summary": summary}
 
 
 def matching_schedule(config: ProtectConfig, num_keys: int, withheld: Sequence[str] = ()) -> str:

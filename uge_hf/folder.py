@@ -350,6 +350,8 @@ def publish_output(out: Path) -> None:
     new_files, new_dirs = set(new["files"]), set(new["dirs"])
     old_files, old_dirs = _recorded(old)
     replace = old is not None and old["run_id"] != new["run_id"]
+    if not replace and FIGURE_NAME in old_files:  # a rerun of this run keeps what evaluate drew, as it keeps its table
+        new_files.add(FIGURE_NAME)
     moving = [rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs]
     stale = {f for f in old_files if f not in moving and (replace or f not in new_files)} | set((old or {}).get("stale", []))
     stale_dirs = {d for d in old_dirs if replace or d not in new_dirs} | set((old or {}).get("stale_dirs", []))

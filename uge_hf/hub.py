@@ -20,8 +20,8 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .card import render_card
-from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, RUN_FILES, TamperedShardError, folder_features, has_figure, load_output,
-                     read_metadata, shards_by_split, unlisted_files)
+from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, RUN_FILES, TamperedShardError, check_card, folder_features, has_figure,
+                     load_output, read_metadata, shards_by_split, unlisted_files)
 from .key import AuthorizedModel, looks_like_repo_id, refuse_public_repo
 from .utils import sha256_file
 
@@ -57,6 +57,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True
         >>> push_to_hub("cifar10-uge", "acme/cifar10-uge")  # doctest: +SKIP
     """
     folder = Path(folder)
+    check_card(folder)  # the card pushed is rendered afresh: edits to README.md would be lost
     metadata = read_metadata(folder)
     check_shards(folder, metadata)
     card = render_card(metadata, folder_features(folder), repo_id=repo_id)
