@@ -650,6 +650,27 @@ def test_an_edited_card_is_never_overwritten(tmp_path, rows, key, fast):
     assert "MY OWN NOTES" not in card.read_text()
 
 
+def test_a_card_edited_while_a_run_goes_on_is_not_overwritten(tmp_path, rows, key, fast, monkeypatch):
+    import uge_hf.protection
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    card, write_card = out / "README.md", uge_hf.protection.write_card
+
+    def write_then_edit(*args, **kwargs):  # the user edits the published card while the new run finishes
+        written = write_card(*args, **kwargs)
+        card.write_text(card.read_text() + "MY EDIT\n")
+        return written
+
+    monkeypatch.setattr(uge_hf.protection, "write_card", write_then_edit)
+    with pytest.raises(FileExistsError, match="was edited since uge-hf wrote it"):
+        protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
+    monkeypatch.undo()
+    assert card.read_text().endswith("MY EDIT\n") and verify(out, key)["shards_checked"] > 0  # the old run, whole
+    card.unlink()
+    assert len(protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)["train"]) == 40
+
+
 def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):
     from uge_hf.card import record_efficacy
     from uge_hf.folder import has_figure, record_figure

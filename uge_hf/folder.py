@@ -345,6 +345,7 @@ def publish_output(out: Path) -> None:
     replace the run published there before, whose other recorded files are deleted then,
     and not before. The manifest records every file present at each step, so a crash in
     between leaves nothing uge-hf would not recognize as its own; a rerun finishes the move."""
+    check_card(out)  # edited while the run went on: refused here too (the staged run stays, to resume)
     staging = out / STAGING_NAME
     new, old = _owned(staging), _owned(out)
     new_files, new_dirs = set(new["files"]), set(new["dirs"])
