@@ -173,3 +173,19 @@ def test_card_renders_for_a_folder_written_before_a_config_field_existed(protect
     assert "| gradient matching | every search step, every key each time |" in render_card(meta, folder_features(protected_dir)).text
     meta["config"].update(lambda_gm=0.0, lambda_fd=1.0)
     assert "| gradient matching | off |" in render_card(meta, folder_features(protected_dir)).text
+
+
+def test_a_card_template_is_kept_by_push_and_by_evaluate(tmp_path, small_train, key, fast_config, hub_token):
+    """The template protect was given is recorded, so the card rendered later (push, evaluate --update-card) keeps it."""
+    from uge_hf import protect
+    from uge_hf.card import default_template, record_efficacy
+
+    template = tmp_path / "mine.md"
+    template.write_text(default_template().read_text() + "\nOUR LAB'S NOTE for {{ repo_id }}\n")
+    out = tmp_path / "out"
+    protect(small_train, key, fast_config, output_dir=out, card_template=template, verbose=False)
+    assert "OUR LAB'S NOTE for <your-namespace>/<this-dataset>" in (out / "README.md").read_text()
+    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1})
+    assert "OUR LAB'S NOTE" in (out / "README.md").read_text()
+    push_to_hub(out, "tester/templated")
+    assert "OUR LAB'S NOTE for tester/templated" in open(hf_hub_download("tester/templated", "README.md", repo_type="dataset")).read()

@@ -144,7 +144,9 @@ def uge_block(metadata: dict, config: ProtectConfig) -> dict:
 def render_card(metadata: dict, features: Features, *, template: Optional[str | os.PathLike] = None, repo_id: Optional[str] = None) -> DatasetCard:
     """Render the card for a protected folder's ``uge_hf.json`` metadata.
 
-    ``template`` is a path to your own Jinja template; it receives ``card_data`` (the YAML),
+    ``template`` is a path to your own Jinja template (default: the one ``protect`` was given,
+    which ``uge_hf.json`` keeps as ``card_template``, so ``push`` and ``evaluate --update-card``
+    render with it too; else uge-hf's); it receives ``card_data`` (the YAML),
     ``meta`` (the metadata), ``efficacy`` (a Markdown table or ``None``), ``repo_id``,
     ``pretty_name``, ``epsilon_255`` and ``gradient_matching`` (:func:`matching_schedule`).
     """
@@ -165,7 +167,7 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
         configs=[{"config_name": "default", "data_files": data_files}] if metadata.get("output_format", "parquet") == "parquet" else None,
         dataset_info=info, uge_hf=uge_block(metadata, config),
     )
-    template_str = Path(template or default_template()).read_text()
+    template_str = Path(template).read_text() if template else metadata.get("card_template") or default_template().read_text()
     efficacy = metadata.get("efficacy")
     others = [c for c in features if c not in (metadata["image_column"], metadata["label_column"])]
     return DatasetCard.from_template(

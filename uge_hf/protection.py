@@ -356,6 +356,8 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                 "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
                 "shards": dict(sorted(shards.items())), "source": source, "efficacy": public_efficacy(efficacy, disclose_key_architecture), "output_format": output_format,
+                # Your template, kept (it is the public card's layout) so that a card rendered later keeps it.
+                "card_template": Path(card_template).read_text() if card_template is not None else None,
             }
             staging = out / STAGING_NAME
             if output_format == "arrow":  # every parquet shard is staged: a published arrow run keeps none
@@ -373,7 +375,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
             if efficacy is None and same_run and (out / METADATA_NAME).is_file():  # a rerun of this very run keeps what evaluate recorded
                 metadata["efficacy"] = public_efficacy(read_metadata(out).get("efficacy"), disclose_key_architecture)
             write_metadata(staging, metadata)
-            write_card(staging, metadata, data[splits[0]].features, template=card_template)
+            write_card(staging, metadata, data[splits[0]].features)  # with metadata["card_template"]
             publish_output(out)  # only now does the run published here before give way
         accelerator.wait_for_everyone()
         return load_output(out)
