@@ -681,6 +681,23 @@ def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):
     record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1, "figure": "efficacy.png"})
     protect(rows, key, fast, output_dir=out, verbose=False)  # same run: the card still shows the figure, so it stays
     assert has_figure(out) and "(efficacy.png)" in (out / "README.md").read_text()
+    assert record_figure(out) == out / "efficacy.png"  # still uge-hf's after the rerun: evaluate may redraw it
+
+
+def test_a_figure_put_where_an_interrupted_drawing_was_is_not_taken_for_uge_hfs(tmp_path, rows, key, fast):
+    """evaluate --update-card claims efficacy.png before drawing it; interrupted there, a file the
+    user puts in its place later is neither replaced nor published."""
+    from uge_hf.folder import has_figure, record_figure
+    from uge_hf.hub import published_files
+
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    record_figure(out)  # ... and the drawing never happened
+    (out / "efficacy.png").write_bytes(b"mine")
+    assert not has_figure(out) and "efficacy.png" not in published_files(out)
+    with pytest.raises(FileExistsError, match="was not written by uge-hf"):
+        record_figure(out)
+    assert (out / "efficacy.png").read_bytes() == b"mine"
 
 
 def test_a_card_template_that_is_not_a_file_is_refused_before_any_work(tmp_path, rows, key, fast):

@@ -12,7 +12,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from .config import ProtectConfig
 from .evaluation import efficacy_markdown
-from .folder import CARD_NAME, check_card, folder_features, read_metadata, record_card, shards_by_split, write_metadata
+from .folder import CARD_NAME, FIGURE_NAME, check_card, folder_features, read_metadata, record_hashes, shards_by_split, write_metadata
 from .utils import atomic_write
 
 DEFAULT_TEMPLATE = "dataset_card.md"
@@ -196,5 +196,6 @@ def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     metadata["efficacy"] = public_efficacy(efficacy, all("architecture" in k for k in metadata["keys"]))
     write_metadata(folder, metadata)
     card = write_card(folder, metadata, folder_features(folder))
-    record_card(folder)
+    drawn = [FIGURE_NAME] if efficacy.get("figure") == FIGURE_NAME and (folder / FIGURE_NAME).is_file() else []
+    record_hashes(folder, CARD_NAME, *drawn)
     return card

@@ -243,22 +243,33 @@ def _outside_staging(out: Path) -> list[str]:
 def record_figure(out: Path) -> Path:
     """Where ``uge-hf evaluate --update-card`` draws the efficacy figure of the protected folder
     ``out``, recorded in the folder's manifest as uge-hf's before it is drawn (so that a later
-    run may replace it, and :func:`has_figure` lets it be published).
+    run may replace it, and :func:`has_figure` lets it be published), with no hash until
+    :func:`record_hashes` records the one drawn: a figure put there after an interrupted
+    drawing is not taken for uge-hf's.
 
     Raises:
         FileExistsError: ``out`` holds an ``efficacy.png`` that uge-hf did not write.
     """
     record = _owned(out) or {"files": [], "dirs": []}
     figure = out / FIGURE_NAME
-    if (figure.exists() or figure.is_symlink()) and FIGURE_NAME not in record["files"]:
+    if (figure.exists() or figure.is_symlink()) and not _figure_is_ours(record, figure):
         raise FileExistsError(f"{figure} was not written by uge-hf, which never overwrites such a file: move it away and rerun")
-    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", "files": sorted({*record["files"], FIGURE_NAME})})
+    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", "files": sorted({*record["files"], FIGURE_NAME}),
+                          "figure_sha256": None})
     return figure
+
+
+def _figure_is_ours(record: Optional[dict], figure: Path) -> bool:
+    """The figure is recorded as uge-hf's and, where the manifest keeps its hash (manifests
+    from before that keep none), is the one uge-hf drew."""
+    if record is None or FIGURE_NAME not in record["files"] or not figure.is_file() or figure.is_symlink():
+        return False
+    return "figure_sha256" not in record or record["figure_sha256"] == sha256_file(figure)
 
 
 def check_card(out: Path) -> None:
     """Refuse to replace ``out``'s card if it was edited since uge-hf wrote it (the manifest
-    keeps the hash of the card it wrote; :func:`record_card`): a Hub user edits ``README.md``.
+    keeps the hash of the card it wrote; :func:`record_hashes`): a Hub user edits ``README.md``.
 
     Raises:
         FileExistsError: the card differs from the one uge-hf wrote.
@@ -271,16 +282,18 @@ def check_card(out: Path) -> None:
                               "move the card away, and rerun")
 
 
-def record_card(out: Path) -> None:
-    """Record the card uge-hf just wrote into ``out`` in its manifest (:func:`check_card`)."""
+def record_hashes(out: Path, *names: str) -> None:
+    """Record in ``out``'s manifest the hashes of the files ``names`` (:data:`CARD_NAME`,
+    :data:`FIGURE_NAME`) that uge-hf just wrote there, so that an edit or a swap is told apart
+    (:func:`check_card`, :func:`record_figure`)."""
     record = _owned(out) or {"files": [CARD_NAME], "dirs": []}
-    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", "card_sha256": sha256_file(out / CARD_NAME)})
+    hashes = {f"{'card' if name == CARD_NAME else 'figure'}_sha256": sha256_file(out / name) for name in names}
+    _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", **hashes})
 
 
 def has_figure(out: Path) -> bool:
     """Whether ``out`` holds an efficacy figure that uge-hf drew (:func:`record_figure`)."""
-    record = _owned(out)
-    return (out / FIGURE_NAME).is_file() and record is not None and FIGURE_NAME in record["files"]
+    return _figure_is_ours(_owned(out), out / FIGURE_NAME)
 
 
 def published_run(out: Path) -> Optional[str]:
@@ -370,7 +383,8 @@ def publish_output(out: Path) -> None:
         (out / rel).unlink(missing_ok=True)
         remove_empty_dirs((out / rel).parent, out)
     _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files), "dirs": sorted(new_dirs),
-                          **({"card_sha256": sha256_file(out / CARD_NAME)} if (out / CARD_NAME).is_file() else {})})
+                          **({"card_sha256": sha256_file(out / CARD_NAME)} if (out / CARD_NAME).is_file() else {}),
+                          **({"figure_sha256": old.get("figure_sha256")} if FIGURE_NAME in new_files and "figure_sha256" in old else {})})
     discard_staging(out)
 
 
