@@ -700,10 +700,14 @@ def test_a_figure_put_where_an_interrupted_drawing_was_is_not_taken_for_uge_hfs(
     assert (out / "efficacy.png").read_bytes() == b"mine"
 
 
-def test_a_card_template_that_is_not_a_file_is_refused_before_any_work(tmp_path, rows, key, fast):
+def test_a_card_template_that_is_no_file_or_no_valid_jinja_is_refused_before_any_work(tmp_path, rows, key, fast):
     assert_refused_error = pytest.raises(FileNotFoundError, match="card_template .* is not a file")
     with assert_refused_error:
         protect(rows, key, fast, output_dir=tmp_path / "refused", card_template=tmp_path / "nope.md", verbose=False)
+    broken = tmp_path / "broken.md"
+    broken.write_text("# {{ pretty_name }}\n\n{% if efficacy %}no end\n")
+    with pytest.raises(ValueError, match="broken.md, line 3: .*fix the template"):
+        protect(rows, key, fast, output_dir=tmp_path / "refused", card_template=broken, verbose=False)
     assert not (tmp_path / "refused").exists()
 
 

@@ -27,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import jinja2
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -207,9 +208,14 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise ValueError(f"other_splits must be 'copy' or 'drop', not {other_splits!r}")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of rows, not {shard_size!r}")
-    if card_template is not None and not Path(card_template).is_file():  # read at the end of the run: checked now
-        raise FileNotFoundError(f"card_template {card_template} is not a file; pass a Jinja template's path (uge_hf.card.render_card "
-                                "lists what it receives), or leave it out for uge-hf's")
+    if card_template is not None:  # rendered at the end of the run: checked now
+        if not Path(card_template).is_file():
+            raise FileNotFoundError(f"card_template {card_template} is not a file; pass a Jinja template's path "
+                                    "(uge_hf.card.render_card lists what it receives), or leave it out for uge-hf's")
+        try:
+            jinja2.Environment().parse(Path(card_template).read_text())
+        except jinja2.TemplateSyntaxError as error:
+            raise ValueError(f"card_template {card_template}, line {error.lineno}: {error.message}; fix the template") from None
     keys = authorized_keys(key)
     key = keys[0]  # the keys share classes and channels
     data = resolve_dataset(dataset)
