@@ -43,14 +43,23 @@ def size_category(num_rows: int) -> str:
 ARCHITECTURE_HINTS = ("match_every_key",)
 
 
-def public_config(config: ProtectConfig, disclose_key_architecture: bool) -> tuple[dict, list[str]]:
-    """``config`` as the public record holds it, and the names of the fields it withholds
-    (:data:`ARCHITECTURE_HINTS`, none if the keys' architectures are disclosed anyway)."""
-    withheld = [] if disclose_key_architecture else list(ARCHITECTURE_HINTS)
-    return {k: v for k, v in config.to_dict().items() if k not in withheld}, withheld
+def withheld_fields(disclose_key_architecture: bool) -> list[str]:
+    """The config fields the public record leaves out: :data:`ARCHITECTURE_HINTS`, none if the
+    keys' architectures are disclosed anyway."""
+    return [] if disclose_key_architecture else list(ARCHITECTURE_HINTS)
 
 
-# What an efficacy row of a key, or of its architecture from another seed, loses in public.
+def public_config(config: ProtectConfig, withheld: Sequence[str]) -> dict:
+    """``config`` as the public record holds it: without the fields ``withheld``."""
+    return {k: v for k, v in config.to_dict().items() if k not in withheld}
+
+
+def architectures_disclosed(metadata: dict) -> bool:
+    """Whether a protected folder's metadata records every key's architecture."""
+    return all("architecture" in k for k in metadata["keys"])
+
+
+# What an efficacy row of a key loses in public.
 KEY_ROW_ACCURACIES = ("clean_acc", "protected_acc", "clean_best_acc", "protected_best_acc", "attack_clean_acc", "attack_clean_best_acc")
 
 
@@ -76,18 +85,17 @@ def public_efficacy(efficacy: Optional[dict], disclose_key_architecture: bool) -
             row.update({k: round(row[k], 2) for k in ("ratio", "best_ratio") if row.get(k) is not None})
         return row
 
-    hidden = (lambda r: False) if disclose_key_architecture else (lambda r: r["model"].startswith(SIBLING_PREFIX))
+    def rounded(value):  # a ratio, or a {name: ratio} map
+        return {k: round(v, 2) for k, v in value.items()} if isinstance(value, dict) else round(value, 2)
+
     summary = dict(efficacy.get("summary") or {})
     if not disclose_key_architecture:
         for name in ("authorized_gap_pt", "sibling_ratio"):
             summary.pop(name, None)
-        for name in ("key_ratio", "key_best_ratio"):
-            if summary.get(name) is not None:
-                summary[name] = round(summary[name], 2)
-        for name in ("key_ratios", "key_recipe_ratios"):
-            if summary.get(name):
-                summary[name] = {k: round(v, 2) for k, v in summary[name].items()}
-    return {**efficacy, "rows": [public(r) for r in efficacy.get("rows", []) if not hidden(r)], "summary": summary}
+        summary.update({k: rounded(summary[k]) for k in ("key_ratio", "key_best_ratio", "key_ratios", "key_recipe_ratios")
+                        if summary.get(k) is not None})
+    rows = [public(r) for r in efficacy.get("rows", []) if disclose_key_architecture or not r["model"].startswith(SIBLING_PREFIX)]
+    return {**efficacy, "rows": rows, "summary": summary}
 
 
 def matching_schedule(config: ProtectConfig, num_keys: int, withheld: Sequence[str] = ()) -> str:
@@ -136,7 +144,7 @@ def uge_block(metadata: dict, config: ProtectConfig) -> dict:
     }
     if "match_every_key" not in withheld:
         block["match_every_key"] = config.match_every_key
-    if all("architecture" in k for k in keys):
+    if architectures_disclosed(metadata):
         block.update(key_architectures=[k["architecture"] for k in keys], key_num_classes=keys[0]["num_classes"])
     return block
 
@@ -153,7 +161,7 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     # A folder written before a config field existed reads as that field's default (off), so
     # `evaluate --update-card` on it still renders; a withheld field stays out.
     config, withheld = ProtectConfig.from_dict(metadata["config"]), metadata.get("withheld", [])
-    metadata = {**metadata, "config": {k: v for k, v in config.to_dict().items() if k not in withheld}}
+    metadata = {**metadata, "config": public_config(config, withheld)}
     splits = metadata["protected_splits"] + metadata["copied_splits"]
     info = DatasetInfo(features=features)._to_yaml_dict()
     info["splits"] = [{"name": s, "num_bytes": metadata["num_bytes"][s], "num_examples": metadata["num_rows"][s]} for s in splits]
@@ -193,7 +201,7 @@ def record_efficacy(folder: str | os.PathLike, efficacy: dict) -> DatasetCard:
     folder = Path(folder)
     check_card(folder)
     metadata = read_metadata(folder)
-    metadata["efficacy"] = public_efficacy(efficacy, all("architecture" in k for k in metadata["keys"]))
+    metadata["efficacy"] = public_efficacy(efficacy, architectures_disclosed(metadata))
     write_metadata(folder, metadata)
     card = write_card(folder, metadata, folder_features(folder))
     drawn = [FIGURE_NAME] if efficacy.get("figure") == FIGURE_NAME and (folder / FIGURE_NAME).is_file() else []

@@ -405,7 +405,8 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
             "but the hackers then learned as much as from a release for the resnet-small key alone, or more (vgg-small 0.81 "
             "against 0.74 at 10,000 rows), and protect took 1.0x (5,000 rows) to 1.4x (10,000) as long as for that key alone: a "
             "partner's architecture sets what the release protects. The public card and uge_hf.json leave match_every_key out "
-            "(a reader could take it to mean that the keys differ in architecture) unless disclose_key_architecture is set. Check each key with uge-hf evaluate before publishing")
+            "(a reader could take it to mean that the keys differ in architecture) unless disclose_key_architecture is set. "
+            "Check each key with uge-hf evaluate before publishing")
 
 
 def guessable_key_advice(seeds: Sequence[Optional[int]]) -> Optional[str]:

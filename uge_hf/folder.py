@@ -278,8 +278,11 @@ def check_card(out: Path) -> None:
     if recorded and card.is_file() and sha256_file(card) != recorded:
         raise FileExistsError(f"{card} was edited since uge-hf wrote it, and uge-hf never overwrites what it did not write: "
                               "keep your edits in a card template (protect(card_template=...), uge-hf protect --card-template) or "
-                              "elsewhere, "
-                              "move the card away, and rerun")
+                              "elsewhere, move the card away, and rerun")
+
+
+# The manifest's record of the files whose later edit or swap uge-hf must tell apart.
+HASH_FIELDS = {CARD_NAME: "card_sha256", FIGURE_NAME: "figure_sha256"}
 
 
 def record_hashes(out: Path, *names: str) -> None:
@@ -287,7 +290,7 @@ def record_hashes(out: Path, *names: str) -> None:
     :data:`FIGURE_NAME`) that uge-hf just wrote there, so that an edit or a swap is told apart
     (:func:`check_card`, :func:`record_figure`)."""
     record = _owned(out) or {"files": [CARD_NAME], "dirs": []}
-    hashes = {f"{'card' if name == CARD_NAME else 'figure'}_sha256": sha256_file(out / name) for name in names}
+    hashes = {HASH_FIELDS[name]: sha256_file(out / name) for name in names}
     _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", **hashes})
 
 
@@ -384,7 +387,7 @@ def publish_output(out: Path) -> None:
         remove_empty_dirs((out / rel).parent, out)
     _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files), "dirs": sorted(new_dirs),
                           **({"card_sha256": sha256_file(out / CARD_NAME)} if (out / CARD_NAME).is_file() else {}),
-                          **({"figure_sha256": old.get("figure_sha256")} if FIGURE_NAME in new_files and "figure_sha256" in old else {})})
+                          **({"figure_sha256": old["figure_sha256"]} if FIGURE_NAME in new_files and "figure_sha256" in (old or {}) else {})})
     discard_staging(out)
 
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 from datasets import Dataset, DatasetDict, Image, IterableDataset, IterableDatasetDict, load_dataset
 
 from . import __version__
-from .card import public_config, public_efficacy, write_card
+from .card import public_config, public_efficacy, withheld_fields, write_card
 from .config import ProtectConfig, advise
 from .data import (check_color_mode, check_memory, decode_image, encode_png, find_columns, reencode_png, survey_images,
                    validate_labels, warn_mixed_sizes)
@@ -208,12 +208,14 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise ValueError(f"other_splits must be 'copy' or 'drop', not {other_splits!r}")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of rows, not {shard_size!r}")
-    if card_template is not None:  # rendered at the end of the run: checked now
+    template_text = None  # read now, rendered at the end of the run: checked now
+    if card_template is not None:
         if not Path(card_template).is_file():
             raise FileNotFoundError(f"card_template {card_template} is not a file; pass a Jinja template's path "
                                     "(uge_hf.card.render_card lists what it receives), or leave it out for uge-hf's")
+        template_text = Path(card_template).read_text()
         try:
-            jinja2.Environment().parse(Path(card_template).read_text())
+            jinja2.Environment().parse(template_text)
         except jinja2.TemplateSyntaxError as error:
             raise ValueError(f"card_template {card_template}, line {error.lineno}: {error.message}; fix the template") from None
     keys = authorized_keys(key)
@@ -354,16 +356,17 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                                if disclose_key_architecture else {})} for k in keys]
             # No run id here: it hashes the whole config with parts a reader can rebuild, so it would
             # give a withheld field away; the manifest, never published, keeps it.
-            config_record, withheld = public_config(config, disclose_key_architecture)
+            withheld = withheld_fields(disclose_key_architecture)
             metadata = {
                 "uge_hf_version": __version__, "method": "Ungeneralizable Examples (UGE), arXiv 2404.14016",
-                "keys": key_records, "config": config_record, "withheld": withheld, "image_column": columns[0], "label_column": columns[1],
+                "keys": key_records, "config": public_config(config, withheld), "withheld": withheld, "image_column": columns[0],
+                "label_column": columns[1],
                 "protected_splits": splits, "copied_splits": copied, "fit_split": fit_split,
                 "num_rows": {s: len(data[s]) for s in splits + copied}, "perturbed_fraction": perturbed,
                 "state_fingerprint": transform.state.fingerprint, "generator_fingerprint": transform.state.generator_fingerprint,
-                "shards": dict(sorted(shards.items())), "source": source, "efficacy": public_efficacy(efficacy, disclose_key_architecture), "output_format": output_format,
-                # Your template, kept (it is the public card's layout) so that a card rendered later keeps it.
-                "card_template": Path(card_template).read_text() if card_template is not None else None,
+                "shards": dict(sorted(shards.items())), "source": source, "efficacy": public_efficacy(efficacy, disclose_key_architecture),
+                "output_format": output_format,
+                "card_template": template_text,  # kept (it is the public card's layout) so that a card rendered later keeps it
             }
             staging = out / STAGING_NAME
             if output_format == "arrow":  # every parquet shard is staged: a published arrow run keeps none
