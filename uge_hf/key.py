@@ -125,6 +125,12 @@ class AuthorizedModel:
     def _weights_bytes(self) -> bytes:
         return save_safetensors_bytes(self.state_dict, metadata={"format": "pt"})
 
+    def secret_digest(self, purpose: str) -> bytes:
+        """32 bytes only the holder of θ0 can compute: sha256 of ``purpose`` and the weights.
+        Neither public hash (:attr:`fingerprint`, :attr:`weights_file_sha256`) gives it, so it
+        can key a value that is recorded where others may read it (the run id)."""
+        return hashlib.sha256(f"uge-hf {purpose}\0".encode() + self._weights_bytes()).digest()
+
     @property
     def weights_file_sha256(self) -> str:
         """sha256 of ``model.safetensors`` as :meth:`save_pretrained` writes it (the Hub's LFS oid)."""

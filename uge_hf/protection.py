@@ -15,6 +15,7 @@ the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -81,11 +82,20 @@ def resolve_dataset(dataset: DatasetLike) -> DatasetDict:
 def run_id(keys: list[AuthorizedModel], config: ProtectConfig, datasets: dict[str, Dataset], columns: tuple[str, str], fit_split: str,
            layout: dict, feature_backbone: Optional[nn.Module]) -> str:
     """Identity of a run: what must match for a rerun to resume rather than be refused
-    (``layout``: shard size, output format, what happens to the other splits)."""
+    (``layout``: shard size, output format, what happens to the other splits).
+
+    Keyed (HMAC-SHA256) with a secret drawn from the keys' weights, which only the protector
+    holds: the output's manifest records the run id, and a tool other than ``uge-hf push``
+    (``hf upload``) would publish it. Unkeyed, it is a hash of parts a reader can rebuild (the
+    key hashes, the version, the columns, the source's fingerprint, the public config), so
+    it would confirm a guess at what the card withholds (``match_every_key``)."""
     parts = [*(k.fingerprint for k in keys), config.to_json(), __version__, *columns, fit_split, json.dumps(layout, sort_keys=True),
              module_fingerprint(feature_backbone) or "none"]
     parts += [f"{name}:{ds._fingerprint}:{len(ds)}" for name, ds in sorted(datasets.items())]
-    return hashlib.sha256("/".join(parts).encode()).hexdigest()
+    # Not the weights file itself as the HMAC key: HMAC shortens a long key to its sha256,
+    # which is the key's public weights_sha256.
+    secret = b"".join(k.secret_digest("run id") for k in keys)
+    return hmac.new(secret, "/".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
 def shard_plan(num_rows: int, batch_size: int, shard_size: int) -> list[range]:
