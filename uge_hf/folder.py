@@ -274,8 +274,10 @@ def check_card(out: Path) -> None:
     Raises:
         FileExistsError: the card differs from the one uge-hf wrote.
     """
-    recorded, card = (_owned(out) or {}).get("card_sha256"), out / CARD_NAME
-    if recorded and card.is_file() and sha256_file(card) != recorded:
+    record, card = _owned(out) or {}, out / CARD_NAME
+    # Mid-move (publish_output interrupted) the card in place is the old run's or the new one's.
+    recorded = {record.get("card_sha256"), record.get("staged_card_sha256")} - {None}
+    if recorded and card.is_file() and sha256_file(card) not in recorded:
         raise FileExistsError(f"{card} was edited since uge-hf wrote it, and uge-hf never overwrites what it did not write: "
                               "keep your edits in a card template (protect(card_template=...), uge-hf protect --card-template) or "
                               "elsewhere, move the card away, and rerun")
@@ -372,8 +374,13 @@ def publish_output(out: Path) -> None:
     moving = [rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs]
     stale = {f for f in old_files if f not in moving and (replace or f not in new_files)} | set((old or {}).get("stale", []))
     stale_dirs = {d for d in old_dirs if replace or d not in new_dirs} | set((old or {}).get("stale_dirs", []))
+    # The hashes stay recorded while files move, so that after a crash here an edited card or
+    # a swapped figure is still told apart (check_card, record_figure).
+    hashes = {field: old[field] for field in HASH_FIELDS.values() if field in (old or {})}
+    if (staging / CARD_NAME).is_file():
+        hashes["staged_card_sha256"] = sha256_file(staging / CARD_NAME)
     _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files | old_files), "dirs": sorted(new_dirs | set(old_dirs)),
-                          "stale": sorted(stale), "stale_dirs": sorted(stale_dirs)})
+                          "stale": sorted(stale), "stale_dirs": sorted(stale_dirs), **hashes})
     for name in sorted(stale_dirs | {d for d in new_dirs if (staging / d).is_dir()}):
         shutil.rmtree(out / name, ignore_errors=True)  # a recorded folder: wholly uge-hf's
     for name in sorted(new_dirs):
