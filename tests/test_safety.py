@@ -208,6 +208,22 @@ def test_card_and_metadata_say_nothing_that_narrows_the_search_for_the_key(tmp_p
     assert meta["config"]["match_every_key"] is False and meta["withheld"] == []
 
 
+def test_the_run_id_a_manifest_records_is_keyed_with_theta0(rows, key, fast):
+    """The hidden manifest records the run id, and `hf upload` would publish it: computed from
+    what a reader knows of the key (its two hashes), it must not come out the same, or trying
+    each value of a withheld config field would tell which one the run used."""
+    from uge_hf.protection import run_id
+
+    class Impostor(AuthorizedModel):  # the key's public hashes, other weights
+        fingerprint = property(lambda self: key.fingerprint)
+        weights_file_sha256 = property(lambda self: key.weights_file_sha256)
+
+    impostor = Impostor("convnet", AuthorizedModel.create("convnet", 10, seed=1).state_dict, 10)
+    run = lambda k: run_id([k], fast, {"train": rows}, ("img", "label"), "train", {"shard_size": 20}, None)
+    assert run(key) == run(AuthorizedModel.from_module("convnet", key.build(), 10))  # the same θ0: the same run, to resume
+    assert run(impostor) != run(key)
+
+
 # -- 3. publishing publishes only what was meant -------------------------------------------
 
 @pytest.mark.parametrize("entry", [{"files": ["../victim.txt"]}, {"files": ["/ABS/victim.txt"]}, {"dirs": ["../victims"]},
@@ -669,6 +685,33 @@ def test_a_card_edited_while_a_run_goes_on_is_not_overwritten(tmp_path, rows, ke
     assert card.read_text().endswith("MY EDIT\n") and verify(out, key)["shards_checked"] > 0  # the old run, whole
     card.unlink()
     assert len(protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)["train"]) == 40
+
+
+def test_a_card_edited_after_an_interrupted_publish_is_not_overwritten(tmp_path, rows, key, fast, monkeypatch):
+    """Killed while moving a new run into place, the folder holds the old run's card or the
+    new one's: an edit of either is still refused by the rerun."""
+    import os
+
+    out, move = tmp_path / "out", os.replace
+    protect(rows, key, fast, output_dir=out, verbose=False)
+
+    def killed_at_the_first_shard(src, dst):
+        if ".uge_hf_partial" in str(src) and ".uge_hf_partial" not in str(dst) and str(dst).endswith(".parquet"):
+            raise KeyboardInterrupt
+        move(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
+    monkeypatch.undo()
+    card = out / "README.md"
+    card.write_text(card.read_text() + "MY EDIT\n")
+    with pytest.raises(FileExistsError, match="was edited since uge-hf wrote it"):
+        protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
+    assert card.read_text().endswith("MY EDIT\n")
+    card.unlink()  # moved away: the rerun finishes the move
+    protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
+    assert verify(out, key)["shards_checked"] > 0 and "MY EDIT" not in card.read_text()
 
 
 def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):
