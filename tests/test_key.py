@@ -77,3 +77,17 @@ def test_missing_weights_say_how_to_make_a_key(tmp_path):
 def test_public_key_push_needs_explicit_consent(key):
     with pytest.raises(ValueError, match="allow_public=True"):
         key.push_to_hub("someone/key", private=False)
+
+
+@pytest.mark.parametrize("change", [{"architecture": "resnet-small"}, {"num_classes": 12}])
+def test_weights_of_another_model_are_refused_in_one_line_that_says_how_they_differ(tmp_path, key, change, capsys):
+    from uge_hf.cli import main
+
+    key.save_pretrained(tmp_path / "key")
+    config = json.loads((tmp_path / "key" / "config.json").read_text())
+    (tmp_path / "key" / "config.json").write_text(json.dumps({**config, **change, "fingerprint": None}))
+    with pytest.raises(ValueError, match="not those of a .*first: .*must name the architecture, classes and channels"):
+        AuthorizedModel.from_pretrained(tmp_path / "key")
+    assert main(["protect", str(tmp_path), "--key", str(tmp_path / "key"), "--out", str(tmp_path / "out")]) == 2  # the key loads first
+    err = capsys.readouterr().err
+    assert "first: classifier.weight (" in err and err.count("\n") == 1  # the whole reason, on the CLI's one line

@@ -65,7 +65,8 @@ class AuthorizedModel:
         self.seed = seed
         self.source = source  # {"repo_id", "revision"} when loaded from the Hub
         module = create_model(architecture, self.num_classes, self.in_channels)
-        module.load_state_dict(state_dict)  # fails loudly if weights and architecture disagree
+        check_weights(module.state_dict(), state_dict, f"{architecture} ({self.num_classes} classes, {self.in_channels} channels)")
+        module.load_state_dict(state_dict)
         self.state_dict = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
 
     # -- construction --------------------------------------------------------------------
@@ -244,6 +245,24 @@ class AuthorizedModel:
         info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
         self.source = {"repo_id": repo_id, "revision": info.oid}
         return info.commit_url
+
+
+def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], model: str) -> None:
+    """Refuse weights made for another model, in one line that says how they differ (torch's
+    own error lists every tensor, one per line, and a CLI shows only the first).
+
+    Raises:
+        ValueError: names the first missing, unexpected and misshapen tensor, with counts.
+    """
+    missing = [n for n in expected if n not in weights]
+    unexpected = [n for n in weights if n not in expected]
+    misshapen = [f"{n} {tuple(weights[n].shape)}, not {tuple(t.shape)}" for n, t in expected.items()
+                 if n in weights and weights[n].shape != t.shape]
+    found = [f"{len(names)} {what} (first: {names[0]})" for names, what in
+             ((missing, "tensors missing"), (unexpected, "unexpected tensors"), (misshapen, "of another shape")) if names]
+    if found:
+        raise ValueError(f"the weights are not those of a {model}: {'; '.join(found)}; a key's config.json must name the "
+                         "architecture, classes and channels its weights were made for")
 
 
 def check_shape(num_classes: int, in_channels: int) -> None:
