@@ -95,8 +95,9 @@ def label_tensor(dataset: Dataset, label_column: str, rows: Sequence[int]) -> to
 
 
 def validate_labels(dataset: Dataset, label_column: str, num_classes: int) -> None:
-    """Refuse an empty dataset, labels the key cannot represent, missing labels, and a
-    dataset of one class (nothing to learn, so nothing to protect).
+    """Refuse an empty dataset, a key of another number of classes than a ``ClassLabel``
+    column names, labels the key cannot represent, missing labels, and a dataset of one class
+    (nothing to learn, so nothing to protect).
 
     Raises:
         ValueError: naming the first offending row and the fix.
@@ -104,9 +105,11 @@ def validate_labels(dataset: Dataset, label_column: str, num_classes: int) -> No
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to protect")
     feature = dataset.features[label_column]
-    if isinstance(feature, ClassLabel) and feature.num_classes > num_classes:
-        raise ValueError(f"column {label_column!r} has {feature.num_classes} classes but the key has {num_classes}; "
-                         f"create a key with num_classes={feature.num_classes} (uge-hf keygen --num-classes {feature.num_classes})")
+    if isinstance(feature, ClassLabel) and feature.num_classes != num_classes:
+        # A key of more classes would train, its extra outputs never a target: a key made for other data.
+        raise ValueError(f"column {label_column!r} has {feature.num_classes} classes but the key has {num_classes}; a key is made "
+                         f"for one dataset's classes: create a key with num_classes={feature.num_classes} "
+                         f"(uge-hf keygen --num-classes {feature.num_classes})")
     if not isinstance(feature, (ClassLabel, Value)) or (isinstance(feature, Value) and not feature.dtype.startswith(("int", "uint"))):
         raise ValueError(f"column {label_column!r} holds {feature}, not integer class labels; pass label_column=<a ClassLabel column> (--label-column)")
     raw = dataset.select_columns([label_column])[label_column]
