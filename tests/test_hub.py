@@ -175,6 +175,17 @@ def test_card_renders_for_a_folder_written_before_a_config_field_existed(protect
     assert "| gradient matching | off |" in render_card(meta, folder_features(protected_dir)).text
 
 
+def test_the_card_calls_a_perturbation_hard_to_see_only_within_the_usual_budget(protected_dir):
+    from uge_hf.card import render_card
+    from uge_hf.folder import folder_features, read_metadata
+
+    meta = read_metadata(protected_dir)
+    assert "a small, hard-to-see\nperturbation (‖δ‖∞ ≤ 8.0/255" in render_card(meta, folder_features(protected_dir)).text
+    meta["config"]["epsilon"] = 1.0
+    text = render_card(meta, folder_features(protected_dir)).text
+    assert "hard-to-see" not in text and "a bounded\nperturbation (larger than the field's usual 8/255: it may be visible) (‖δ‖∞ ≤ 255.0/255" in text
+
+
 def test_a_card_template_is_kept_by_push_and_by_evaluate(tmp_path, small_train, key, fast_config, hub_token):
     """The template protect was given is recorded, so the card rendered later (push, evaluate --update-card) keeps it."""
     from uge_hf import protect
