@@ -89,7 +89,9 @@ def test_evaluate_overwrites_nothing_and_refuses_bad_numbers_before_training(pro
     base = ["evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--hackers", "vgg-tiny, ", "--quiet"]
     for extra, message in ((["--figure", str(weights)], "exists, and uge-hf never overwrites"),
                            (["--json", str(shard)], "exists, and uge-hf never overwrites"),
-                           (["--json", str(tmp_path)], "exists"), (["--epochs", "0"], ">= 1"),
+                           (["--json", str(tmp_path)], "exists"),
+                           (["--json", str(tmp_path / "r"), "--figure", str(tmp_path / "." / "r")], "both name"),
+                           (["--epochs", "0"], ">= 1"),
                            (["--eval-every", "0"], ">= 1"), (["--test-size", "0"], ">= 1")):
         with pytest.raises(SystemExit) if ">= 1" in message else contextlib.nullcontext():
             assert main(base + extra) == 2

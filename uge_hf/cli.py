@@ -114,6 +114,8 @@ def _evaluate(args) -> int:
         if path and (Path(path).exists() or Path(path).is_symlink()):  # it may be a key, a shard, the card, or yours
             raise FileExistsError(f"{flag} {path} exists, and uge-hf never overwrites a file it cannot tell it wrote: "
                                   "pass a new path, or move that one away")
+    if args.json and args.figure and Path(args.json).resolve() == Path(args.figure).resolve():
+        raise ValueError(f"--json and --figure both name {args.json}: the figure would replace the table; give each its own path")
     if args.update_card:
         check_card(Path(args.protected))  # an edited card is refused before training, not after
     figure = record_figure(Path(args.protected)) if args.update_card else None  # a figure not uge-hf's is refused before training
