@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import load_dataset, load_from_disk
 
-from uge_hf import protect
+from uge_hf import protect, push_to_hub
 from uge_hf.utils import sha256_file
 
 from .conftest import CIFAR10
@@ -97,6 +97,8 @@ def test_killed_run_resumes_to_identical_bytes(key_dir, reference, phase):
         assert list((out / ".uge_hf_partial" / "data").glob("*.parquet")) and not (out / "data").exists()
         with pytest.raises(FileNotFoundError):
             load_dataset(str(out))
+        with pytest.raises(FileNotFoundError, match="holds an unfinished uge-hf run.*rerun the same protect command"):
+            push_to_hub(out, "tester/unfinished")  # refused before any Hub call
     else:  # after the phase's first epoch checkpoint, before the state is complete
         cache = state / "cache"
         kill_when(proc, lambda: (cache / f"{phase}.resume.pt").exists() or (cache / f"{phase}.safetensors").exists())

@@ -97,9 +97,13 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     """``uge_hf.json`` of a protected folder, its data-file names checked (:func:`check_data_file_name`).
 
     Raises:
-        FileNotFoundError: the folder was not written by :func:`uge_hf.protect`.
+        FileNotFoundError: the folder was not written by :func:`uge_hf.protect`, or holds
+            only a run that has not finished.
     """
     path = Path(folder) / METADATA_NAME
+    if not path.is_file() and (Path(folder) / STAGING_NAME).is_dir():
+        raise FileNotFoundError(f"{folder} holds an unfinished uge-hf run and nothing protected yet (a run puts its files in "
+                                "place once complete): rerun the same protect command to finish it")
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {METADATA_NAME}: not a folder written by uge_hf.protect")
     metadata = json.loads(path.read_text())
