@@ -50,6 +50,14 @@ def test_protect_reports_bad_input_and_exits_2(key_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("inside", [".", "out", "a/out"])
+def test_protect_refuses_an_output_inside_the_key_folder(key_dir, capsys, inside):
+    before = sorted(p.name for p in key_dir.iterdir())
+    assert main(["protect", str(CIFAR10), "--split", "train", "--limit", "10", "--key", str(key_dir), "--out", str(key_dir / inside),
+                 "--quiet"]) == 2
+    assert "lies inside the key folder" in capsys.readouterr().err and sorted(p.name for p in key_dir.iterdir()) == before
+
+
 def test_evaluate_prints_a_table_and_writes_json(protected_cli, key_dir, tmp_path):
     results = tmp_path / "results.json"
     code = main(["evaluate", str(protected_cli), "--clean", str(CIFAR10), "--key", str(key_dir), "--hackers", "vgg-tiny",
