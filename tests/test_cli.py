@@ -26,7 +26,7 @@ def key_dir(tmp_path_factory):
 def protected_cli(key_dir):
     out = key_dir.parent / "out"
     code = main(["protect", str(CIFAR10), "--split", "train", "--limit", "120", "--key", str(key_dir), "--out", str(out),
-                 "--epsilon", "8/255", "--preset", "fast", "--batch-size", "60", "--quiet"])
+                 "--epsilon", "8/255", "--preset", "fast", "--batch-size", "60", "--license", "mit", "--quiet"])
     assert code == 0
     return out
 
@@ -40,6 +40,8 @@ def test_protect_writes_a_loadable_folder(protected_cli):
     assert len(ds["train"]) == 120
     meta = json.loads((protected_cli / "uge_hf.json").read_text())
     assert meta["config"]["epsilon"] == 8 / 255 and meta["source"]["rows"] == 120
+    card = DatasetCard.load(protected_cli / "README.md")
+    assert meta["source"]["license"] == card.data.license == "mit" and "No license was recorded" not in card.text
 
 
 def test_protect_reports_bad_input_and_exits_2(key_dir, tmp_path, capsys):

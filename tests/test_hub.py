@@ -106,7 +106,8 @@ def test_card_fields_parse_back(pushed, protected_dir, key, fast_config, hub_tok
     data = card.data.to_dict()
     block = data["uge_hf"]
     meta = json.loads((protected_dir / "uge_hf.json").read_text())
-    assert data["license"] and data["task_categories"] == ["image-classification"] and data["size_categories"] == ["n<1K"]
+    assert "license" not in data and "No license was recorded" in card.text  # none given: none claimed
+    assert data["task_categories"] == ["image-classification"] and data["size_categories"] == ["n<1K"]
     assert {"uge", "unlearnable-examples"} <= set(data["tags"])
     assert data["configs"][0]["data_files"] == [{"split": "train", "path": sorted(meta["shards"])}]  # exactly these files
     assert data["dataset_info"]["splits"][0]["num_examples"] == 250

@@ -170,7 +170,7 @@ def render_card(metadata: dict, features: Features, *, template: Optional[str | 
     data_files = [{"split": s, "path": by_split[s]} for s in splits]
     pretty_name = f"{repo_id.split('/')[-1] if repo_id else 'Protected dataset'} (UGE-protected)"
     card_data = DatasetCardData(
-        license=(metadata.get("source") or {}).get("license") or "other", task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
+        license=(metadata.get("source") or {}).get("license"), task_categories=["image-classification"], size_categories=[size_category(sum(metadata["num_rows"].values()))],
         pretty_name=pretty_name, tags=["uge", "unlearnable-examples", "ungeneralizable-examples", "data-protection"],
         configs=[{"config_name": "default", "data_files": data_files}] if metadata.get("output_format", "parquet") == "parquet" else None,
         dataset_info=info, uge_hf=uge_block(metadata, config),

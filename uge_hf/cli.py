@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "save_to_disk's layout in OUT/arrow (load_from_disk('OUT/arrow')); load_protected reads either")
     p.add_argument("--image-column", help="the Image column (default: found by type)")
     p.add_argument("--label-column", help="the label column (default: the ClassLabel column)")
-    p.add_argument("--license", help="the source dataset's license id, recorded in the card (default: other)")
+    p.add_argument("--license", help="the source dataset's license id (a Hub license id: mit, cc-by-4.0, ...), recorded in the card; without it the card records none")
     p.add_argument("--card-template", help="your own Jinja template for the card (default: uge-hf's card_templates/dataset_card.md; "
                    "uge_hf.card.render_card lists what it receives)")
     p.add_argument("--disclose-key-architecture", action="store_true", help="record each key's architecture, and "
