@@ -2,6 +2,7 @@
 best and last epoch, the attack on clean rows, the figure and the card that shows it."""
 
 import json
+import math
 import shutil
 import struct
 from dataclasses import replace
@@ -14,7 +15,7 @@ from huggingface_hub import DatasetCard
 
 from uge_hf.attacks import ATTACKS, get_attack, list_attacks
 from uge_hf.data import load_tensors
-from uge_hf.evaluation import KEY, EvaluationReport, evaluate
+from uge_hf.evaluation import KEY, EvaluationReport, Result, evaluate
 from uge_hf.models import create_model
 from uge_hf.training import TrainConfig, train_model
 
@@ -167,6 +168,11 @@ def test_evaluate_runs_the_attacks_with_best_and_last_epoch(protected_dir, small
     figure = report.plot(tmp_path / "efficacy.png")
     header = figure.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24])[0] > 300
+
+
+def test_a_row_without_its_clean_training_reads_not_measured_not_nan():
+    markdown = EvaluationReport([Result("vgg-tiny", "none", math.nan, 30.0, 1.0, protected_best_acc=31.0)]).to_markdown()
+    assert "nan" not in markdown and "| vgg-tiny | none | not measured | 31.00 / 30.00 | not measured |" in markdown
 
 
 def test_cli_evaluate_writes_the_figure_into_the_card(protected_dir, small_clean, key, tmp_path):

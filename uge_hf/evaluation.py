@@ -89,6 +89,8 @@ class Result:
 def _acc(best: Optional[float], last: Optional[float]) -> str:
     if last is None:
         return ""
+    if math.isnan(last):  # the clean training was not run (Evaluation.report)
+        return "not measured"
     return f"{last:.2f}" if best is None else f"{best:.2f} / {last:.2f}"
 
 
@@ -101,7 +103,8 @@ def efficacy_markdown(rows: Sequence[dict]) -> str:
     lines = [head + (" attack on clean rows, best / last |" if with_attack_clean else ""), "| --- " * (6 if with_attack_clean else 5) + "|"]
     for r in rows:
         line = (f"| {r['model']} | {r['attack']} | {_acc(r.get('clean_best_acc'), r['clean_acc']) or 'withheld'} | "
-                f"{_acc(r.get('protected_best_acc'), r['protected_acc']) or 'withheld'} | {r['ratio']:.2f} |")
+                f"{_acc(r.get('protected_best_acc'), r['protected_acc']) or 'withheld'} | "
+                f"{'not measured' if math.isnan(r['ratio']) else format(r['ratio'], '.2f')} |")
         lines.append(line + (f" {_acc(r.get('attack_clean_best_acc'), r.get('attack_clean_acc'))} |" if with_attack_clean else ""))
     return "\n".join(lines)
 
