@@ -687,13 +687,17 @@ def test_a_card_edited_while_a_run_goes_on_is_not_overwritten(tmp_path, rows, ke
     assert len(protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)["train"]) == 40
 
 
-def test_a_card_edited_after_an_interrupted_publish_is_not_overwritten(tmp_path, rows, key, fast, monkeypatch):
-    """Killed while moving a new run into place, the folder holds the old run's card or the
-    new one's: an edit of either is still refused by the rerun."""
+def test_a_run_killed_while_put_in_place_is_named_and_its_rerun_overwrites_no_edit(tmp_path, rows, key, fast, monkeypatch):
+    """Killed while moving a new run into place (the data moves first, the card last), the
+    folder is named as unfinished, not as tampered with; the rerun refuses to replace a card
+    edited meanwhile, and does not carry the replaced run's efficacy table over."""
     import os
+
+    from uge_hf.card import record_efficacy
 
     out, move = tmp_path / "out", os.replace
     protect(rows, key, fast, output_dir=out, verbose=False)
+    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 99})
 
     def killed_at_the_first_shard(src, dst):
         if ".uge_hf_partial" in str(src) and ".uge_hf_partial" not in str(dst) and str(dst).endswith(".parquet"):
@@ -704,6 +708,8 @@ def test_a_card_edited_after_an_interrupted_publish_is_not_overwritten(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
     monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="interrupted while its files were put in place.*rerun the same protect command"):
+        verify(out, key)
     card = out / "README.md"
     card.write_text(card.read_text() + "MY EDIT\n")
     with pytest.raises(FileExistsError, match="was edited since uge-hf wrote it"):
@@ -712,6 +718,7 @@ def test_a_card_edited_after_an_interrupted_publish_is_not_overwritten(tmp_path,
     card.unlink()  # moved away: the rerun finishes the move
     protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
     assert verify(out, key)["shards_checked"] > 0 and "MY EDIT" not in card.read_text()
+    assert json.loads((out / "uge_hf.json").read_text())["efficacy"] is None  # the replaced run's measurement is not this one's
 
 
 def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):

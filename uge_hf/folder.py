@@ -279,8 +279,9 @@ def check_card(out: Path) -> None:
         FileExistsError: the card differs from the one uge-hf wrote.
     """
     record, card = _owned(out) or {}, out / CARD_NAME
-    # Mid-move (publish_output interrupted) the card in place is the old run's or the new one's.
-    recorded = {record.get("card_sha256"), record.get("staged_card_sha256")} - {None}
+    # Mid-move (publish_output interrupted, perhaps more than once) the card in place is one of
+    # those the moves recorded.
+    recorded = {record.get("card_sha256"), *record.get("moving_card_sha256", [])} - {None}
     if recorded and card.is_file() and sha256_file(card) not in recorded:
         raise FileExistsError(f"{card} was edited since uge-hf wrote it, and uge-hf never overwrites what it did not write: "
                               "keep your edits in a card template (protect(card_template=...), uge-hf protect --card-template) or "
@@ -298,6 +299,19 @@ def record_hashes(out: Path, *names: str) -> None:
     record = _owned(out) or {"files": [CARD_NAME], "dirs": []}
     hashes = {HASH_FIELDS[name]: sha256_file(out / name) for name in names}
     _write_manifest(out, {**record, "run_id": record.get("run_id") or "unknown", **hashes})
+
+
+def check_complete(out: Path) -> None:
+    """Refuse a folder whose run was killed while :func:`publish_output` moved it into place
+    (its manifest still lists the replaced files as ``stale``): some files are the new run's,
+    others the old one's, and a rerun finishes the move.
+
+    Raises:
+        FileNotFoundError: naming the fix.
+    """
+    if "stale" in (_owned(out) or {}):
+        raise FileNotFoundError(f"{out} holds a uge-hf run that was interrupted while its files were put in place (some are "
+                                "moved, some not): rerun the same protect command to finish it")
 
 
 def has_figure(out: Path) -> bool:
@@ -375,14 +389,17 @@ def publish_output(out: Path) -> None:
     replace = old is not None and old["run_id"] != new["run_id"]
     if not replace and FIGURE_NAME in old_files:  # a rerun of this run keeps what evaluate drew, as it keeps its table
         new_files.add(FIGURE_NAME)
-    moving = [rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs]
+    # The data first, the metadata and the card last: a card in place always describes data in place.
+    moving = sorted((rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs),
+                    key=lambda rel: (rel in RUN_FILES, rel))
     stale = {f for f in old_files if f not in moving and (replace or f not in new_files)} | set((old or {}).get("stale", []))
     stale_dirs = {d for d in old_dirs if replace or d not in new_dirs} | set((old or {}).get("stale_dirs", []))
     # The hashes stay recorded while files move, so that after a crash here an edited card or
     # a swapped figure is still told apart (check_card, record_figure).
     hashes = {field: old[field] for field in HASH_FIELDS.values() if field in (old or {})}
-    if (staging / CARD_NAME).is_file():
-        hashes["staged_card_sha256"] = sha256_file(staging / CARD_NAME)
+    cards = {(old or {}).get("card_sha256"), *(old or {}).get("moving_card_sha256", [])}  # an earlier move's too
+    cards |= {sha256_file(staging / CARD_NAME)} if (staging / CARD_NAME).is_file() else set()
+    hashes["moving_card_sha256"] = sorted(cards - {None})
     _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files | old_files), "dirs": sorted(new_dirs | set(old_dirs)),
                           "stale": sorted(stale), "stale_dirs": sorted(stale_dirs), **hashes})
     for name in sorted(stale_dirs | {d for d in new_dirs if (staging / d).is_dir()}):

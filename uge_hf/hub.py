@@ -20,8 +20,8 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCa
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
 from .card import render_card
-from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, RUN_FILES, TamperedShardError, check_card, folder_features, has_figure,
-                     load_output, read_metadata, shards_by_split, unlisted_files)
+from .folder import (CARD_NAME, DATA_FOLDERS, FIGURE_NAME, RUN_FILES, TamperedShardError, check_card, check_complete,
+                     folder_features, has_figure, load_output, read_metadata, shards_by_split, unlisted_files)
 from .key import AuthorizedModel, looks_like_repo_id, refuse_public_repo
 from .utils import sha256_file
 
@@ -80,6 +80,7 @@ def check_shards(folder: Path, metadata: dict) -> int:
     """Compare every data file's sha256 with ``uge_hf.json``, naming the first that differs,
     and refuse any file the metadata does not account for (``load_dataset`` would read an
     extra shard as if it were protected). Returns the number of data files checked."""
+    check_complete(folder)  # a half-moved run would read as a tampered one
     unlisted = unlisted_files(folder, metadata)
     if unlisted:
         raise TamperedShardError(f"{folder} holds file(s) its uge_hf.json does not list: {', '.join(unlisted[:5])}; "

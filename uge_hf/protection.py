@@ -391,8 +391,12 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
                 shutil.rmtree(staging / "data")
                 metadata["shards"] = {p.relative_to(staging).as_posix(): sha256_file(p) for p in sorted(arrow_dir.rglob("*")) if p.is_file()}
             metadata["num_bytes"] = {s: sum(located(p).stat().st_size for p in metadata["shards"] if split_of(p) == s) for s in splits + copied}
-            if efficacy is None and same_run and (out / METADATA_NAME).is_file():  # a rerun of this very run keeps what evaluate recorded
-                metadata["efficacy"] = public_efficacy(read_metadata(out).get("efficacy"), disclose_key_architecture)
+            # A rerun of this very run keeps what evaluate recorded. The shards tell whether the
+            # uge_hf.json in place is this run's: after an --overwrite killed mid-move the
+            # manifest names this run while the replaced run's uge_hf.json is still there.
+            published = read_metadata(out) if efficacy is None and same_run and (out / METADATA_NAME).is_file() else {}
+            if published.get("shards") == metadata["shards"]:
+                metadata["efficacy"] = public_efficacy(published.get("efficacy"), disclose_key_architecture)
             write_metadata(staging, metadata)
             write_card(staging, metadata, data[splits[0]].features)  # with metadata["card_template"]
             publish_output(out)  # only now does the run published here before give way
