@@ -255,6 +255,20 @@ def test_a_state_dir_inside_the_output_folder_is_refused_before_any_work(tmp_pat
         assert not out.exists() and not state.exists()
 
 
+def test_nothing_is_written_inside_a_key_folder_nor_a_key_inside_a_protected_one(tmp_path, rows, fast):
+    """A key folder goes to a partner, a protected folder to the public: neither may carry the other."""
+    key = AuthorizedModel.create("convnet", 10, seed=0)
+    key.save_pretrained(tmp_path / "key")
+    for where in ({"output_dir": tmp_path / "key" / "out"}, {"output_dir": tmp_path / "o", "state_dir": tmp_path / "key" / "s"}):
+        with pytest.raises(ValueError, match="inside the key folder .*choose folders outside it"):
+            protect(rows, AuthorizedModel.from_pretrained(tmp_path / "key"), fast, verbose=False, **where)
+    assert sorted(p.name for p in (tmp_path / "key").iterdir()) == ["config.json", "model.safetensors"] and not (tmp_path / "o").exists()
+    protect(rows, key, fast, output_dir=tmp_path / "o", verbose=False)
+    with pytest.raises(FileExistsError, match="lies inside .*/o, a folder uge-hf protected"):
+        key.save_pretrained(tmp_path / "o" / "keys" / "k")
+    assert not (tmp_path / "o" / "keys").exists()
+
+
 def test_a_state_dir_that_is_a_file_is_refused_naming_the_fix(tmp_path, rows, key, fast):
     (tmp_path / "out.uge-state").write_text("mine")
     with pytest.raises(FileExistsError, match="out.uge-state is a file, not a folder; pass a new or empty folder"):

@@ -71,11 +71,6 @@ def _protect(args) -> int:
         overrides["match_every_key"] = True
     config = ProtectConfig.preset(args.preset, **overrides)
     keys = [AuthorizedModel.from_pretrained(k) for k in args.key]  # before the data: a wrong key path fails in a second
-    out = Path(args.out).resolve()
-    for key_path in args.key:  # a key folder goes to a partner: it must not carry the output, nor the state (clean rows, θ0)
-        if Path(key_path).is_dir() and (out == Path(key_path).resolve() or Path(key_path).resolve() in out.parents):
-            raise ValueError(f"--out {args.out} lies inside the key folder {key_path}, which you give to a partner: it would carry "
-                             "the protected data and the state beside it (which holds clean rows); choose an --out outside it")
     dataset = args.dataset
     if args.limit is not None or args.split:
         from datasets import load_dataset

@@ -22,6 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
+from .folder import MANIFEST_NAME, METADATA_NAME
 from .models import create_model
 from .utils import atomic_write, private_dir, tensors_fingerprint
 
@@ -64,6 +65,7 @@ class AuthorizedModel:
         self.in_channels = int(in_channels)
         self.seed = seed
         self.source = source  # {"repo_id", "revision"} when loaded from the Hub
+        self.folder: Optional[Path] = None  # the local folder it was loaded from or saved to: protect writes nothing inside it
         module = create_model(architecture, self.num_classes, self.in_channels)
         check_weights(module.state_dict(), state_dict, f"{architecture} ({self.num_classes} classes, {self.in_channels} channels)")
         module.load_state_dict(state_dict)
@@ -155,6 +157,10 @@ class AuthorizedModel:
                 is never overwritten: every dataset protected for it would be lost with it.
         """
         path = Path(save_directory)
+        published = next((p for p in path.resolve().parents if (p / METADATA_NAME).is_file() or (p / MANIFEST_NAME).is_file()), None)
+        if published is not None:
+            raise FileExistsError(f"{path} lies inside {published}, a folder uge-hf protected, which is what gets published: "
+                                  "save the key outside it")
         if path.is_dir() and any(path.iterdir()):
             existing = sorted(p.name for p in path.iterdir())
             if set(existing) - {CONFIG_NAME, WEIGHTS_NAME} or not (path / WEIGHTS_NAME).is_file():
@@ -168,6 +174,7 @@ class AuthorizedModel:
         private_dir(path)
         atomic_write(path / WEIGHTS_NAME, self._weights_bytes(), private=True)
         atomic_write(path / CONFIG_NAME, (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode(), private=True)
+        self.folder = path.resolve()
         return path
 
     @classmethod
@@ -213,6 +220,7 @@ class AuthorizedModel:
         if "fingerprint" in config and config["fingerprint"] != key.fingerprint:
             raise ValueError(f"{name_or_path}: weights hash {key.fingerprint} but config.json records {config['fingerprint']}; "
                              "the weights were changed after saving")
+        key.folder = path.resolve() if source is None else None
         return key
 
     def push_to_hub(self, repo_id: str, *, private: bool = True, allow_public: bool = False, revision: Optional[str] = None,

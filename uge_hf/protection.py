@@ -280,6 +280,13 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise ValueError(f"state_dir {state_dir} and output_dir {output_dir} overlap: the state holds θ0 and the output folder "
                          "is what you publish; choose a state_dir outside the output folder (the CLI puts it beside it, "
                          "as OUT.uge-state)")
+    for k in keys:  # a key folder goes to a partner: it must carry neither the output nor the state (clean rows, θ0)
+        inside = [f"{name} {path}" for name, path, at in (("output_dir", output_dir, out), ("state_dir", state_path, state_at))
+                  if at is not None and k.folder is not None and (at == k.folder or k.folder in at.parents)]
+        if inside:
+            raise ValueError(f"{' and '.join(inside)} {'lies' if len(inside) == 1 else 'lie'} inside the key folder {k.folder}, which "
+                             "you give to a partner: it would carry the protected data or the state (clean rows, θ0's trajectory); "
+                             "choose folders outside it (--out)")
     out = out or Path(tempfile.mkdtemp(prefix="uge-hf-"))
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
     accelerator = PartialState(cpu=not torch.cuda.is_available())
