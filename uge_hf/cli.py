@@ -114,6 +114,9 @@ def _evaluate(args) -> int:
         if path and (Path(path).exists() or Path(path).is_symlink()):  # it may be a key, a shard, the card, or yours
             raise FileExistsError(f"{flag} {path} exists, and uge-hf never overwrites a file it cannot tell it wrote: "
                                   "pass a new path, or move that one away")
+        if path and Path(args.protected).is_dir() and Path(args.protected).resolve() in Path(path).resolve().parents:
+            raise ValueError(f"{flag} {path} lies inside the protected folder, which is what gets published, and it holds what "
+                             "the card withholds (the keys' accuracies, training times): write it elsewhere")
     if args.json and args.figure and Path(args.json).resolve() == Path(args.figure).resolve():
         raise ValueError(f"--json and --figure both name {args.json}: the figure would replace the table; give each its own path")
     if args.update_card:
