@@ -353,7 +353,8 @@ def claim_output(out: Path, run_id: str, files: list[str], dirs: list[str], over
                               "beside files it does not own, even with overwrite (--overwrite): choose a new or empty output_dir (--out)")
     check_card(out)  # a rerun, or an overwrite, would replace it
     if any(record is not None and record["run_id"] != run_id for record in (published, pending)) and not overwrite:
-        raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout); pass overwrite=True "
+        raise FileExistsError(f"{out} holds another uge-hf run (different data, key, config or layout, or a run of another uge-hf "
+                              "version, which is not resumed); pass overwrite=True "
                               "(--overwrite) to replace its files (only those uge-hf recorded there are deleted, and only once "
                               "the new run is complete), or choose another output_dir (--out)")
     abandoned = pending is not None and pending["run_id"] != run_id
@@ -464,7 +465,8 @@ def claim_state(state: Path, run_id: str, overwrite: bool) -> Callable[[], None]
                               "the output as OUT.uge-state, so there choose another --out, or move those files away")
     replace = marker.is_file() and json.loads(marker.read_text())["run_id"] != run_id
     if replace and not overwrite:
-        raise FileExistsError(f"state_dir {state} holds the state of another uge-hf run; pass overwrite=True (--overwrite) "
+        raise FileExistsError(f"state_dir {state} holds the state of another uge-hf run (or of another uge-hf version); pass "
+                              "overwrite=True (--overwrite) "
                               "to replace it, or choose another state_dir (with the CLI: another --out)")
 
     def take() -> None:
