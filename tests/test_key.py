@@ -91,3 +91,9 @@ def test_weights_of_another_model_are_refused_in_one_line_that_says_how_they_dif
     assert main(["protect", str(tmp_path), "--key", str(tmp_path / "key"), "--out", str(tmp_path / "out")]) == 2  # the key loads first
     err = capsys.readouterr().err
     assert "first: classifier.weight (" in err and err.count("\n") == 1  # the whole reason, on the CLI's one line
+
+
+def test_weights_of_another_dtype_are_refused_not_cast(key):
+    """Cast on loading, a float16 key would have another file hash than the card records."""
+    with pytest.raises(ValueError, match="of another dtype \\(first: .* torch.float16, not torch.float32\\)"):
+        AuthorizedModel("convnet", {k: v.half() if v.is_floating_point() else v for k, v in key.state_dict.items()}, 10)

@@ -260,14 +260,18 @@ def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Te
     own error lists every tensor, one per line, and a CLI shows only the first).
 
     Raises:
-        ValueError: names the first missing, unexpected and misshapen tensor, with counts.
+        ValueError: names the first missing, unexpected, misshapen and retyped tensor, with counts.
     """
     missing = [n for n in expected if n not in weights]
     unexpected = [n for n in weights if n not in expected]
     misshapen = [f"{n} {tuple(weights[n].shape)}, not {tuple(t.shape)}" for n, t in expected.items()
                  if n in weights and weights[n].shape != t.shape]
+    # Another dtype would be cast on loading, so the key's file hash on the card would not be its holder's file's.
+    retyped = [f"{n} {weights[n].dtype}, not {t.dtype}" for n, t in expected.items()
+               if n in weights and weights[n].shape == t.shape and weights[n].dtype != t.dtype]
     found = [f"{len(names)} {what} (first: {names[0]})" for names, what in
-             ((missing, "tensors missing"), (unexpected, "unexpected tensors"), (misshapen, "of another shape")) if names]
+             ((missing, "tensors missing"), (unexpected, "unexpected tensors"), (misshapen, "of another shape"),
+              (retyped, "of another dtype")) if names]
     if found:
         raise ValueError(f"the weights are not those of a {model}: {'; '.join(found)}; a key's config.json must name the "
                          "architecture, classes and channels its weights were made for")
