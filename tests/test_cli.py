@@ -100,7 +100,7 @@ def test_evaluate_overwrites_nothing_and_refuses_bad_numbers_before_training(pro
     for extra, message in ((["--figure", str(weights)], "exists, and uge-hf never overwrites"),
                            (["--json", str(shard)], "exists, and uge-hf never overwrites"),
                            (["--json", str(tmp_path)], "exists"),
-                           (["--json", str(protected_cli / "efficacy.png"), "--update-card"], "lies inside the protected folder"),
+                           (["--json", str(protected_cli / "data" / "results.json")], "lies inside the protected folder"),
                            (["--json", str(tmp_path / "r"), "--figure", str(tmp_path / "." / "r")], "both name"),
                            (["--epochs", "0"], ">= 1"),
                            (["--eval-every", "0"], ">= 1"), (["--test-size", "0"], ">= 1")):
