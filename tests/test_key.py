@@ -95,5 +95,5 @@ def test_weights_of_another_model_are_refused_in_one_line_that_says_how_they_dif
 
 def test_weights_of_another_dtype_are_refused_not_cast(key):
     """Cast on loading, a float16 key would have another file hash than the card records."""
-    with pytest.raises(ValueError, match="of another dtype \\(first: .* torch.float16, not torch.float32\\)"):
+    with pytest.raises(ValueError, match="of another dtype \\(first: .* torch.float16, not torch.float32\\); convert them .*module.float"):
         AuthorizedModel("convnet", {k: v.half() if v.is_floating_point() else v for k, v in key.state_dict.items()}, 10)

@@ -260,13 +260,16 @@ def test_nothing_is_written_inside_a_key_folder_nor_a_key_inside_a_protected_one
     key = AuthorizedModel.create("convnet", 10, seed=0)
     key.save_pretrained(tmp_path / "key")
     for where in ({"output_dir": tmp_path / "key" / "out"}, {"output_dir": tmp_path / "o", "state_dir": tmp_path / "key" / "s"}):
-        with pytest.raises(ValueError, match="inside the key folder .*choose folders outside it"):
+        with pytest.raises(ValueError, match="inside the key folder .*choose an output_dir \\(--out\\) and state_dir outside it"):
             protect(rows, AuthorizedModel.from_pretrained(tmp_path / "key"), fast, verbose=False, **where)
     assert sorted(p.name for p in (tmp_path / "key").iterdir()) == ["config.json", "model.safetensors"] and not (tmp_path / "o").exists()
     protect(rows, key, fast, output_dir=tmp_path / "o", verbose=False)
     with pytest.raises(FileExistsError, match="lies inside .*/o, a folder uge-hf protected"):
         key.save_pretrained(tmp_path / "o" / "keys" / "k")
     assert not (tmp_path / "o" / "keys").exists()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "uge_hf.json").write_text("{}")  # a stray file of that name does not make a protected folder
+    assert key.save_pretrained(tmp_path / "home" / "keys" / "k").is_dir()
 
 
 def test_a_state_dir_that_is_a_file_is_refused_naming_the_fix(tmp_path, rows, key, fast):
@@ -709,9 +712,12 @@ def test_a_run_killed_while_put_in_place_is_named_and_its_rerun_overwrites_no_ed
 
     from uge_hf.card import record_efficacy
 
+    from uge_hf.folder import has_figure, record_figure
+
     out, move = tmp_path / "out", os.replace
     protect(rows, key, fast, output_dir=out, verbose=False)
-    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 99})
+    record_figure(out).write_bytes(b"\x89PNG drawn by evaluate")
+    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 99, "figure": "efficacy.png"})
 
     def killed_at_the_first_shard(src, dst):
         if ".uge_hf_partial" in str(src) and ".uge_hf_partial" not in str(dst) and str(dst).endswith(".parquet"):
@@ -732,7 +738,9 @@ def test_a_run_killed_while_put_in_place_is_named_and_its_rerun_overwrites_no_ed
     card.unlink()  # moved away: the rerun finishes the move
     protect(rows, key, replace(fast, steps=3), output_dir=out, overwrite=True, verbose=False)
     assert verify(out, key)["shards_checked"] > 0 and "MY EDIT" not in card.read_text()
-    assert json.loads((out / "uge_hf.json").read_text())["efficacy"] is None  # the replaced run's measurement is not this one's
+    # The replaced run's measurement is not this one's: neither its table nor its figure stays recorded.
+    assert json.loads((out / "uge_hf.json").read_text())["efficacy"] is None
+    assert "efficacy.png" not in json.loads((out / ".uge_hf_manifest.json").read_text())["files"] and not has_figure(out)
 
 
 def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):

@@ -309,7 +309,11 @@ def check_complete(out: Path) -> None:
     Raises:
         FileNotFoundError: naming the fix.
     """
-    if "stale" in (_owned(out) or {}):
+    try:
+        record = _owned(out) or {}
+    except TamperedShardError:  # a manifest that came with a download: the other checks speak of the folder
+        return
+    if "stale" in record:
         raise FileNotFoundError(f"{out} holds a uge-hf run that was interrupted while its files were put in place (some are "
                                 "moved, some not): rerun the same protect command to finish it")
 
@@ -388,7 +392,11 @@ def publish_output(out: Path) -> None:
     new_files, new_dirs = set(new["files"]), set(new["dirs"])
     old_files, old_dirs = _recorded(old)
     replace = old is not None and old["run_id"] != new["run_id"]
-    if not replace and FIGURE_NAME in old_files:  # a rerun of this run keeps what evaluate drew, as it keeps its table
+    # A rerun of this run keeps what evaluate drew when it keeps its table (protect decided that:
+    # not after an --overwrite killed mid-move, whose manifest already names this run).
+    staged_meta = staging if (staging / METADATA_NAME).is_file() else out
+    table = (read_metadata(staged_meta).get("efficacy") or {}) if (staged_meta / METADATA_NAME).is_file() else {}
+    if not replace and FIGURE_NAME in old_files and table.get("figure") == FIGURE_NAME:
         new_files.add(FIGURE_NAME)
     # The data first, the metadata and the card last: a card in place always describes data in place.
     moving = sorted((rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs),

@@ -157,7 +157,7 @@ class AuthorizedModel:
                 is never overwritten: every dataset protected for it would be lost with it.
         """
         path = Path(save_directory)
-        published = next((p for p in path.resolve().parents if (p / METADATA_NAME).is_file() or (p / MANIFEST_NAME).is_file()), None)
+        published = next((p for p in path.resolve().parents if is_protected_folder(p)), None)
         if published is not None:
             raise FileExistsError(f"{path} lies inside {published}, a folder uge-hf protected, which is what gets published: "
                                   "save the key outside it")
@@ -255,6 +255,18 @@ class AuthorizedModel:
         return info.commit_url
 
 
+def is_protected_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a run of :func:`uge_hf.protect` (its manifest, or a ``uge_hf.json``
+    that lists keys and shards: a download has no manifest)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return True
+    try:
+        metadata = json.loads((folder / METADATA_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and {"keys", "shards"} <= set(metadata)
+
+
 def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], model: str) -> None:
     """Refuse weights made for another model, in one line that says how they differ (torch's
     own error lists every tensor, one per line, and a CLI shows only the first).
@@ -273,8 +285,9 @@ def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Te
              ((missing, "tensors missing"), (unexpected, "unexpected tensors"), (misshapen, "of another shape"),
               (retyped, "of another dtype")) if names]
     if found:
-        raise ValueError(f"the weights are not those of a {model}: {'; '.join(found)}; a key's config.json must name the "
-                         "architecture, classes and channels its weights were made for")
+        fix = ("a key's config.json must name the architecture, classes and channels its weights were made for"
+               if missing or unexpected or misshapen else "convert them to the architecture's dtype (module.float())")
+        raise ValueError(f"the weights are not those of a {model}: {'; '.join(found)}; {fix}")
 
 
 def check_shape(num_classes: int, in_channels: int) -> None:

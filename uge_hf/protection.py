@@ -286,7 +286,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         if inside:
             raise ValueError(f"{' and '.join(inside)} {'lies' if len(inside) == 1 else 'lie'} inside the key folder {k.folder}, which "
                              "you give to a partner: it would carry the protected data or the state (clean rows, θ0's trajectory); "
-                             "choose folders outside it (--out)")
+                             "choose an output_dir (--out) and state_dir outside it")
     out = out or Path(tempfile.mkdtemp(prefix="uge-hf-"))
     # cpu=True on a machine without GPUs turns N launched processes into a gloo group.
     accelerator = PartialState(cpu=not torch.cuda.is_available())
