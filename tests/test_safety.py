@@ -120,6 +120,21 @@ def test_a_rerun_removes_temporary_files_of_a_killed_writer(tmp_path, rows, key,
     assert not stale.exists() and sha256_file(shard) == expected
 
 
+def test_a_killed_writers_temporary_card_or_manifest_is_not_taken_for_tampering(tmp_path, rows, key, fast):
+    out = tmp_path / "out"
+    protect(rows, key, fast, output_dir=out, verbose=False)
+    leftovers = [out / "..uge_hf_manifest.json.tmp-4242", out / ".README.md.tmp-4242"]  # as utils.temporary_name names them
+    for path in leftovers:
+        path.write_text("half written")
+    assert verify(out, key)["shards_checked"] > 0
+    (out / "data" / "extra.parquet").write_bytes(b"data slipped in")  # data beside the shards still is
+    with pytest.raises(TamperedShardError, match="does not list: data/extra.parquet"):
+        verify(out, key)
+    (out / "data" / "extra.parquet").unlink()
+    protect(rows, key, fast, output_dir=out, verbose=False)  # the same run again: it removes what its killed writers left
+    assert not any(path.exists() for path in leftovers)
+
+
 def test_two_runs_on_one_folder_the_second_is_refused_with_the_holders_pid(tmp_path, key):
     key.save_pretrained(tmp_path / "key")
     out = tmp_path / "out"

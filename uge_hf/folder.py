@@ -168,9 +168,13 @@ def folder_features(folder: Path):
 def unlisted_files(folder: Path, metadata: dict) -> list[str]:
     """Files of a published protected folder that its metadata does not account for: a data
     file slipped in beside the protected shards is loaded by ``load_dataset`` all the same.
-    A run in progress's hidden staging folder is not counted: nothing loads or publishes it."""
+    A run in progress's hidden staging folder is not counted, nor a killed writer's temporary
+    file of the card, metadata, figure or manifest: nothing loads or publishes them."""
     allowed = set(metadata["shards"]) | set(PUBLIC_FILES) | {MANIFEST_NAME, ".gitattributes"}
-    return sorted(rel for rel in _outside_staging(folder) if rel not in allowed and not rel.startswith(".cache/"))
+    # A temporary file of the card, metadata, figure or manifest, left by a writer killed here:
+    # no data, nothing published, and the next run removes it.
+    leftover = lambda rel: any(is_temporary_of(rel, name) for name in (*PUBLIC_FILES, MANIFEST_NAME))
+    return sorted(rel for rel in _outside_staging(folder) if rel not in allowed and not rel.startswith(".cache/") and not leftover(rel))
 
 
 def _walk(folder: Path) -> list[str]:
