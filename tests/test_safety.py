@@ -765,9 +765,12 @@ def test_a_rerun_keeps_the_figure_evaluate_drew(tmp_path, rows, key, fast):
     out = tmp_path / "out"
     protect(rows, key, fast, output_dir=out, verbose=False)
     record_figure(out).write_bytes(b"\x89PNG drawn by evaluate")
-    record_efficacy(out, {"rows": [], "summary": {}, "epochs": 1, "figure": "efficacy.png"})
+    row = {"model": "vgg-tiny", "attack": "none", "protected_acc": 20.0, "clean_acc": 50.0, "ratio": 0.4, "seconds": 3.0}
+    record_efficacy(out, {"rows": [row], "summary": {}, "epochs": 1, "figure": "efficacy.png"})
+    card = (out / "README.md").read_bytes()
     protect(rows, key, fast, output_dir=out, verbose=False)  # same run: the card still shows the figure, so it stays
     assert has_figure(out) and "(efficacy.png)" in (out / "README.md").read_text()
+    assert (out / "README.md").read_bytes() == card  # the same card, byte for byte
     assert record_figure(out) == out / "efficacy.png"  # still uge-hf's after the rerun: evaluate may redraw it
 
 

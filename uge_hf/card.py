@@ -79,7 +79,8 @@ def public_efficacy(efficacy: Optional[dict], disclose_key_architecture: bool) -
     from .evaluation import KEY, SIBLING_PREFIX
 
     def public(row: dict) -> dict:
-        row = {k: v for k, v in row.items() if not k.endswith("seconds")}
+        # Fields in name order, as uge_hf.json keeps them: a rerun renders the card from that file.
+        row = {k: row[k] for k in sorted(row) if not k.endswith("seconds")}
         if not disclose_key_architecture and row["model"].startswith(KEY):
             row.update(dict.fromkeys(KEY_ROW_ACCURACIES))
             row.update({k: round(row[k], 2) for k in ("ratio", "best_ratio") if row.get(k) is not None})
