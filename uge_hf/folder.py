@@ -93,6 +93,18 @@ def check_data_file_name(name: str) -> str:
     return name
 
 
+def is_protected_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a run of :func:`uge_hf.protect` (its manifest, or a ``uge_hf.json``
+    that lists keys and shards: a download has no manifest)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return True
+    try:
+        metadata = json.loads((folder / METADATA_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and {"keys", "shards"} <= set(metadata)
+
+
 def read_metadata(folder: str | os.PathLike) -> dict:
     """``uge_hf.json`` of a protected folder, its data-file names checked (:func:`check_data_file_name`).
 

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from . import __version__
-from .folder import MANIFEST_NAME, METADATA_NAME
+from .folder import is_protected_folder
 from .models import create_model
 from .utils import atomic_write, private_dir, tensors_fingerprint
 
@@ -253,18 +253,6 @@ class AuthorizedModel:
         info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision)
         self.source = {"repo_id": repo_id, "revision": info.oid}
         return info.commit_url
-
-
-def is_protected_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a run of :func:`uge_hf.protect` (its manifest, or a ``uge_hf.json``
-    that lists keys and shards: a download has no manifest)."""
-    if (folder / MANIFEST_NAME).is_file():
-        return True
-    try:
-        metadata = json.loads((folder / METADATA_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(metadata, dict) and {"keys", "shards"} <= set(metadata)
 
 
 def check_weights(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], model: str) -> None:
