@@ -294,14 +294,18 @@ def check_card(out: Path) -> None:
     Raises:
         FileExistsError: the card differs from the one uge-hf wrote.
     """
-    record, card = _owned(out) or {}, out / CARD_NAME
-    # Mid-move (publish_output interrupted, perhaps more than once) the card in place is one of
-    # those the moves recorded.
-    recorded = {record.get("card_sha256"), *record.get("moving_card_sha256", [])} - {None}
+    recorded, card = _card_hashes(_owned(out)), out / CARD_NAME
     if recorded and card.is_file() and sha256_file(card) not in recorded:
         raise FileExistsError(f"{card} was edited since uge-hf wrote it, and uge-hf never overwrites what it did not write: "
                               "keep your edits in a card template (protect(card_template=...), uge-hf protect --card-template) or "
                               "elsewhere, move the card away, and rerun")
+
+
+def _card_hashes(record: Optional[dict]) -> set[str]:
+    """The hashes of the cards uge-hf wrote that a manifest records: the one in place and,
+    mid-move (publish_output interrupted, perhaps more than once), every one a move staged."""
+    record = record or {}
+    return {record.get("card_sha256"), *record.get("moving_card_sha256", [])} - {None}
 
 
 # The manifest's record of the files whose later edit or swap uge-hf must tell apart.
@@ -422,9 +426,8 @@ def publish_output(out: Path) -> None:
     # The hashes stay recorded while files move, so that after a crash here an edited card or
     # a swapped figure is still told apart (check_card, record_figure).
     hashes = {field: old[field] for field in HASH_FIELDS.values() if field in (old or {})}
-    cards = {(old or {}).get("card_sha256"), *(old or {}).get("moving_card_sha256", [])}  # an earlier move's too
-    cards |= {sha256_file(staging / CARD_NAME)} if (staging / CARD_NAME).is_file() else set()
-    hashes["moving_card_sha256"] = sorted(cards - {None})
+    staged_card = {sha256_file(staging / CARD_NAME)} if (staging / CARD_NAME).is_file() else set()
+    hashes["moving_card_sha256"] = sorted(_card_hashes(old) | staged_card)  # an earlier move's too
     _write_manifest(out, {"run_id": new["run_id"], "files": sorted(new_files | old_files), "dirs": sorted(new_dirs | set(old_dirs)),
                           "stale": sorted(stale), "stale_dirs": sorted(stale_dirs), **hashes})
     for name in sorted(stale_dirs | {d for d in new_dirs if (staging / d).is_dir()}):
