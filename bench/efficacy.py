@@ -11,6 +11,7 @@ one clean baseline, measured in the same run. Prints a table and writes JSON.
     python bench/efficacy.py --variants default,no-gm,no-fd --jobs 4                   # ablations in parallel
     python bench/efficacy.py --n 50000 --variants default --resume-dir runs/eff50k    # resumable: rerun the same line
     python bench/efficacy.py --key resnet-small --variants default                    # another key architecture
+    python bench/efficacy.py --variants two-convnets-every-key --set lambda_gm=0.25     # a variant with a field changed
 
 With ``--resume-dir`` a run can be interrupted and rerun with the same arguments: each variant's
 protected folder is kept there (``protect`` resumes it), and every finished training (model,
@@ -200,7 +201,7 @@ def run_variant(name: str, args, rows: list[int], clean: tuple, test: tuple, bas
     torch.set_num_threads(args.threads)
     train = load_dataset(str(args.data), split="train").select(rows)
     keys = [AuthorizedModel.create(arch, num_classes=10, seed=seed) for arch, seed in [(args.key, 0), *KEYS.get(name, [])]]
-    config = ProtectConfig(trajectory_epochs=args.epochs, **VARIANTS[name])
+    config = ProtectConfig(trajectory_epochs=args.epochs, **{**VARIANTS[name], **dict(args.set)})
     log = TrainingLog(args.resume_dir)
     # A kept folder is resumed by protect (same arguments, same bytes); a temporary one is not.
     with tempfile.TemporaryDirectory() if args.resume_dir is None else nullcontext(str(args.resume_dir / name)) as folder:
@@ -237,6 +238,9 @@ def main() -> None:
                         "best-epoch figures over those (each evaluation of the 10k test split costs about one training epoch on 2 cores)")
     parser.add_argument("--clean-json", type=Path,
                         help="reuse the clean baseline of an earlier run's JSON (same --key, --n, --test, --epochs, --eval-every, device)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=config_override,
+                        help="override a ProtectConfig field in every variant (a tuple field comma-separated, any other JSON), "
+                             "e.g. --set lambda_gm=1.5")
     parser.add_argument("--jobs", type=int, default=1, help="variants run in parallel (on a GPU machine)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, default=Path("bench/results/efficacy.json"))
@@ -250,7 +254,7 @@ def main() -> None:
     if args.resume_dir is not None:
         # The key enters only when it is not the default, so runs from before --key still resume.
         setting = {"n": args.n, "test": args.test, "epochs": args.epochs, "eval_every": args.eval_every, "data": str(args.data.resolve()),
-                   **({"key": args.key} if args.key != "convnet" else {})}
+                   **({"key": args.key} if args.key != "convnet" else {}), **({"set": dict(args.set)} if args.set else {})}
         args.resume_dir.mkdir(parents=True, exist_ok=True)
         recorded = args.resume_dir / "setting.json"
         if recorded.exists() and json.loads(recorded.read_text()) != setting:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import DatasetCard
 
-from uge_hf.attacks import ATTACKS, get_attack, list_attacks
+from uge_hf.attacks import ATTACKS, get_attack, list_attacks, pgd_training
 from uge_hf.data import load_tensors
 from uge_hf.evaluation import KEY, EvaluationReport, Result, evaluate
 from uge_hf.models import create_model
@@ -105,6 +105,30 @@ def test_adversarial_training_attacks_the_true_labels_within_epsilon(rows):
     shifted, _ = transform(x, (y + 1) % 10, torch.Generator().manual_seed(0))
     assert not torch.equal(adv, shifted), "the perturbation must depend on the labels"
     assert get_attack("adversarial").description.startswith("adversarial training, PGD-10")
+
+
+def test_the_pgd_adversary_moves_saturated_pixels_too(rows):
+    # Over-exposed photos: half the pixels at 1. An adversary clamped only in the forward pass
+    # froze the saturated pixels its random start pushed outside [0, 1] (a quarter of them
+    # moved); projected onto the box after each step, those follow the gradient too.
+    x = (rows[0].float() / 255 * 2).clamp(max=1)
+    adv, _ = pgd_training(_model(), steps=3)(x, rows[1], torch.Generator().manual_seed(0))
+    saturated = x == 1
+    assert saturated.float().mean() > 0.3 and 0 <= adv.min() and adv.max() <= 1
+    assert (adv != x)[saturated].float().mean() > 0.45
+
+
+def test_ueraser_max_keeps_each_images_hardest_draw(rows):
+    # Its first draw is UEraser-Lite's under the same seed, so per image it is at least as hard.
+    x, y = rows[0].float() / 255, rows[1]
+    model = _model()
+    lite = get_attack("ueraser").prepare(rows[0], model, TrainConfig(), num_classes=10)[2](x, y, torch.Generator().manual_seed(0))[0]
+    hardest = get_attack("ueraser-max").prepare(rows[0], model, TrainConfig(), num_classes=10)[2](x, y, torch.Generator().manual_seed(0))[0]
+    assert model.training, "the attack restores the model's training mode"
+    with torch.no_grad():
+        model.eval()
+        loss = lambda images: F.cross_entropy(model(images), y, reduction="none")
+        assert (loss(hardest) >= loss(lite) - 1e-5).all() and (loss(hardest) > loss(lite) + 1e-3).any()
 
 
 def test_recipes_change_the_key_training_and_adam_trains(rows):

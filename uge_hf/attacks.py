@@ -46,7 +46,7 @@ from .training import TrainConfig
 # labels: int64 (N,); targets: int64 class indices (N,) or float class probabilities (N, K).
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
-DEFAULT_PGD_STEPS = 10  # APBench and Madry et al.: 10 steps of 2/255 at ε = 8/255
+DEFAULT_PGD_STEPS = 10  # APBench: 10 steps (of 0.007) at ε = 8/255
 
 
 # -- data defenses: uint8 images in, uint8 images out ----------------------------------------
@@ -72,7 +72,7 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 def bit_depth(images: torch.Tensor, bits: int = 2) -> torch.Tensor:
     """Keep the ``bits`` most significant bits of each channel (``kornia.enhance.posterize``,
     APBench's bit-depth reduction at 2 bits): erases perturbations below one quantization step
-    (256 / 2^bits levels). ``uint8`` in and out."""
+    (2^bits levels, 256 / 2^bits apart). ``uint8`` in and out."""
     return _pixelwise(lambda x: kornia.enhance.posterize(x, bits), images)
 
 
@@ -113,20 +113,43 @@ def augmentation(module: nn.Module) -> BatchTransform:
 
 def cutout() -> nn.Module:
     """Cutout (DeVries & Taylor, 2017; APBench: 16x16 on CIFAR): one zeroed square covering a
-    quarter of the image, placed at random inside it (``kornia.augmentation.RandomErasing``)."""
+    quarter of the image (``kornia.augmentation.RandomErasing``). The square always lies wholly
+    inside the image; the paper and APBench centre it anywhere and clip it at the border, so
+    theirs often erases less."""
     return K.RandomErasing(scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.0, p=1.0)
 
 
 def ueraser() -> nn.Module:
     """UEraser-Lite (Qin et al., 2023, "Learning the unlearnable"), APBench's policy: plasma
-    brightness and contrast, channel shuffle and a TrivialAugment draw (one of 14 photometric
-    and geometric operations at a random strength) per image, one draw per batch."""
+    brightness and contrast and channel shuffle, each drawn per image, then kornia's
+    TrivialAugment (one of 14 photometric and geometric operations drawn per batch, its
+    strength per image)."""
     return K.AugmentationSequential(
         K.RandomPlasmaBrightness(roughness=(0.3, 0.7), intensity=(0.5, 1.0), p=0.5),
         K.RandomPlasmaContrast(roughness=(0.3, 0.7), p=0.5),
         K.RandomChannelShuffle(p=0.5),
         K.auto.TrivialAugment(),
     )
+
+
+def hardest_of(module: nn.Module, model: nn.Module, draws: int = 5) -> BatchTransform:
+    """UEraser-Max's adversarial augmentation (Qin et al., 2023; APBench's ``repeat_epoch``
+    mode): ``draws`` augmentations of each batch by ``module``, and of each image the copy on
+    which ``model`` has the highest cross-entropy to its true label. The losses are taken in
+    eval mode without gradients (batch-norm statistics see only the batch trained on). Costs
+    ``draws`` extra forward passes per batch; the labels pass through."""
+
+    def transform(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        with _global_rng_from(generator, x.device):
+            copies = torch.stack([module(x) for _ in range(draws)])
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            losses = torch.stack([F.cross_entropy(model(c), y, reduction="none") for c in copies])
+        model.train(was_training)
+        return copies[losses.argmax(0), torch.arange(len(y), device=x.device)], y
+
+    return transform
 
 
 def mixing(kind: str, num_classes: int) -> BatchTransform:
@@ -158,30 +181,38 @@ def pgd_training(model: nn.Module, epsilon: float = 8 / 255, steps: int = DEFAUL
     """Adversarial training (Madry et al., 2018) as the field runs it against unlearnable
     examples: each batch is replaced by its PGD adversary within ``‖δ‖∞ ≤ epsilon`` (pixel
     scale 0-1) that maximizes the cross-entropy to the *true* labels, from a uniform random
-    start, ``steps`` signed-gradient steps of ``step_size`` (default 2.5·ε/steps, Madry's rule:
-    2/255 for ε = 8/255 and 10 steps). The model is in eval mode while the adversary is built
-    (batch-norm statistics see only training batches), as in APBench. Costs ``steps`` extra
-    forward and backward passes per batch."""
-    alpha = step_size if step_size is not None else 2.5 * epsilon / steps
+    start, ``steps`` signed-gradient steps of ``step_size``, each projected onto the ε-ball
+    within the image box ``[0, 1]``. The default step is 2.5·ε/steps (the ``robustness``
+    library's rule: 2/255 for ε = 8/255 and 10 steps), and 1.25·ε for a single step (FGSM with
+    a random start, Wong et al., 2020: a step of 2ε or more lets the adversary collapse). The
+    model is in eval mode while the adversary is built (batch-norm statistics see only training
+    batches), as in APBench. Costs ``steps`` extra forward and backward passes per batch."""
+    alpha = step_size if step_size is not None else (1.25 * epsilon if steps == 1 else 2.5 * epsilon / steps)
 
     def transform(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        delta = ((torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon).to(x.device)
+        # Project onto the box as well as the ball after every step: a pixel left outside [0, 1]
+        # gets no gradient through a clamp in the forward pass and would never move again.
+        project = lambda d: (x + d.clamp(-epsilon, epsilon)).clamp(0, 1) - x
+        delta = project(((torch.rand(x.shape, generator=generator) * 2 - 1) * epsilon).to(x.device))
         was_training = model.training
         model.eval()
         for _ in range(steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+            loss = F.cross_entropy(model(x + delta), y)
             grad, = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + alpha * grad.sign()).clamp(-epsilon, epsilon)
+            delta = project(delta.detach() + alpha * grad.sign())
         model.train(was_training)
-        return (x + delta).clamp(0, 1).detach(), y
+        return (x + delta).detach(), y
 
     return transform
 
 
 def distillation(teacher: nn.Module, temperature: float = 4.0) -> BatchTransform:
-    """Knowledge distillation (Hinton et al., 2015): the targets become the teacher's softened
-    probabilities on the same (augmented) batch, float ``(N, K)``."""
+    """Knowledge distillation (after Hinton et al., 2015): the targets become the teacher's
+    probabilities at ``temperature`` on the same (augmented) batch, float ``(N, K)``, which the
+    student fits by cross-entropy at temperature 1 (Hinton's loss also softens the student's
+    logits, scales by T² and adds the hard labels; this soft-target form keeps train_model's
+    loss)."""
     teacher.eval()
 
     def transform(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +283,8 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("cutout", "cutout: a random square of a quarter of the image zeroed", batch=lambda model, teacher, k: augmentation(cutout())),
     Attack("cutmix", "CutMix with soft labels", batch=lambda model, teacher, k: mixing("cutmix", k)),
     Attack("mixup", "MixUp with soft labels", batch=lambda model, teacher, k: mixing("mixup", k)),
-    Attack("ueraser", "UEraser-Lite: plasma, channel shuffle, TrivialAugment per image", batch=lambda model, teacher, k: augmentation(ueraser())),
+    Attack("ueraser", "UEraser-Lite: plasma, channel shuffle, TrivialAugment", batch=lambda model, teacher, k: augmentation(ueraser())),
+    Attack("ueraser-max", "UEraser-Max: of 5 UEraser-Lite draws, each image's hardest", batch=lambda model, teacher, k: hardest_of(ueraser(), model)),
     _adversarial(DEFAULT_PGD_STEPS),
     Attack("distill", "distillation (T = 4) from the key trained on the same rows", batch=lambda model, teacher, k: distillation(teacher),
            needs_teacher=True),

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hackers", help=f"comma-separated architectures trained as hackers (default: {HACKERS_HELP})")
     p.add_argument("--attacks", default="", help="comma-separated names of uge_hf.attacks.list_attacks(): the field's defenses "
                    "(jpeg10, jpeg30, jpeg50, grayscale, grayscale+jpeg10, bitdepth2, bitdepth4, gaussian, median, cutout, cutmix, "
-                   "mixup, ueraser, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
+                   "mixup, ueraser, ueraser-max, adversarial = PGD-10 or adversarial-<steps>, distill) run on the hackers, and the key's other "
                    "recipes (recipe-adam, recipe-2x-epochs, recipe-batch-256)")
     p.add_argument("--attacked-models", help="comma-separated hackers the defenses of --attacks run on (default: every hacker; "
                    "each costs one training per defense)")

@@ -154,7 +154,7 @@ class EvaluationReport(list):
         }
         if attacked:
             worst = max(attacked, key=lambda r: r.ratio)
-            out.update(robust_hacker_acc=max(r.protected_acc for r in attacked), robust_hacker_ratio=worst.ratio,
+            out.update(robust_hacker_acc=worst.protected_acc, robust_hacker_ratio=worst.ratio,
                        robust_hacker=f"{worst.model} after {worst.attack}")
         recipes = {r.attack: r.ratio for r in self if r.model == key_name and _authorized(r.attack)}
         if recipes:
