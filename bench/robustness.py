@@ -47,7 +47,7 @@ SIBLING = "key arch, seed 7"
 # The field's strongest defenses (JPEG-10 restores every published method to 68-85 %, UEraser
 # and grayscale+JPEG most), run on every row; the others on the cheapest hacker first.
 STRONG = ["jpeg10", "ueraser", "grayscale+jpeg10"]
-OTHERS = ["grayscale", "bitdepth2", "distill", "cutmix", "mixup", "cutout", "gaussian", "median", "jpeg30", "jpeg50", "bitdepth4"]
+OTHERS = ["ueraser-max", "grayscale", "bitdepth2", "distill", "cutmix", "mixup", "cutout", "gaussian", "median", "jpeg30", "jpeg50", "bitdepth4"]
 RECIPES = ["recipe-adam", "recipe-2x-epochs", "recipe-batch-256"]
 
 
@@ -88,6 +88,8 @@ def predicted_seconds(ev: Evaluation, model: str, attack: str) -> float | None:
         return train_s * (1 + int(steps.group(1) or 10)) + eval_s
     if attack == "recipe-2x-epochs":
         return 2 * (train_s + eval_s)
+    if attack == "ueraser-max":  # five augmentations and forward passes per batch (a third of a step each)
+        return train_s * 3.5 + eval_s
     return train_s * (1.3 if attack == "distill" else 1.1) + eval_s  # distillation adds the teacher's forward pass
 
 

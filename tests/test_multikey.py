@@ -219,6 +219,13 @@ def test_match_every_key_matches_both_keys_on_each_matching_step(two_key_run, ci
     one = replace(state, architectures=state.architectures[:1], key_fingerprints=state.key_fingerprints[:1],
                   trajectories=state.trajectories[:1])
     assert torch.equal(search(one), search(replace(one, config=replace(one.config, match_every_key=True))))
+    # Matched together, the keys' terms are summed over √k (summed at the full weight they
+    # over-served the keys and freed the hackers; averaged, a resnet-small key lost its own).
+    # One checkpoint per trajectory, so that every call matches at the same weights.
+    single = replace(every, config=replace(every.config, lambda_fd=0.0), trajectories=[t[:1] + t[-1:] for t in every.trajectories])
+    objective, x_u = Objective(single), (x + 4 / 255).clamp(0, 1)
+    loss = lambda **key: objective(x, x_u, labels, seeded_generator(0, "loss"), **key)
+    assert torch.allclose(loss(), (loss(key=0) + loss(key=1)) / 2 ** 0.5, rtol=1e-5)
     assert ProtectConfig(match_every_key=np.bool_(True)).match_every_key is True
     with pytest.raises(ValueError, match="match_every_key must be True or False"):
         ProtectConfig(match_every_key="yes")

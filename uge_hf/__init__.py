@@ -8,7 +8,7 @@ Start with :func:`protect` (a dataset and a key in, a protected Hub-layout folde
 README walks the whole journey.
 """
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 # Names resolve on first use (PEP 562): `uge-hf --help` and `--version` answer without
 # importing torch and datasets, which take seconds.

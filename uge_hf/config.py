@@ -117,9 +117,9 @@ class ProtectConfig:
     # when no other term is weighted (ProtectConfig.matching_interval).
     gm_every: int = 2
     gm_classwise: bool = False  # L_gm per class of the batch, averaged (losses.gradient_matching_loss)
-    # With several keys: each matching step matches every key (L_gm, and L_ud, summed over
-    # the keys, so each is pulled as hard as if it were alone; k times the matching cost, in
-    # the search and in the generator's fit) instead of one in turn.
+    # With several keys: each matching step matches every key instead of one in turn (k times
+    # the matching cost, in the search and in the generator's fit); the per-key terms (L_gm,
+    # L_am, L_kc, L_ud) are summed over √k, which keeps their pull on δ near one key's.
     match_every_key: bool = False
     # Defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, libjpeg, grayscale, blur) whose views of x_u
     # the misalignment is averaged over, with x_u itself (expectation over transformations).
