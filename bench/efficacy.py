@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import uge_hf
 from uge_hf import AuthorizedModel, ProtectConfig, protect
 from uge_hf.config import PRESETS
 from uge_hf.data import load_tensors
@@ -257,7 +258,7 @@ def main() -> None:
                    **({"key": args.key} if args.key != "convnet" else {}), **({"set": dict(args.set)} if args.set else {})}
         args.resume_dir.mkdir(parents=True, exist_ok=True)
         recorded = args.resume_dir / "setting.json"
-        if recorded.exists() and json.loads(recorded.read_text()) != setting:
+        if recorded.exists() and json.loads(recorded.read_text()) != json.loads(json.dumps(setting)):  # a --set tuple reads back a list
             parser.error(f"{args.resume_dir} holds a run with {recorded.read_text().strip()}, not {json.dumps(setting)}; "
                          "rerun with those arguments or choose another --resume-dir")
         recorded.write_text(json.dumps(setting) + "\n")
@@ -307,7 +308,7 @@ def main() -> None:
     payload = {**protocol, "key": args.key, "hackers": args.hackers,
                "clean_acc": clean_acc, "clean_best_acc": {t.model: t.best_acc for t in baseline},
                "clean_trainings": [t.to_dict() for t in baseline],
-               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "threads": args.threads, "variants": []}
+               "key_training_s": key_train_s, "clean_baseline_s": clean_s, "threads": args.threads, "uge_hf": uge_hf.__version__, "variants": []}
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def report(res: dict) -> None:  # print and save each variant as soon as it is done

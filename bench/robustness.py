@@ -88,7 +88,7 @@ def predicted_seconds(ev: Evaluation, model: str, attack: str) -> float | None:
         return train_s * (1 + int(steps.group(1) or 10)) + eval_s
     if attack == "recipe-2x-epochs":
         return 2 * (train_s + eval_s)
-    if attack == "ueraser-max":  # five augmentations and forward passes per batch (a third of a step each)
+    if attack == "ueraser-max":  # five forward passes (a third of a step each) and five augmentations per batch
         return train_s * 3.5 + eval_s
     return train_s * (1.3 if attack == "distill" else 1.1) + eval_s  # distillation adds the teacher's forward pass
 

@@ -186,6 +186,8 @@ def test_evaluate_runs_the_attacks_with_best_and_last_epoch(protected_dir, small
         assert (r.attack_clean_acc is not None) == (r.attack != "none")
     summary = report.summary()
     assert set(summary["key_recipe_ratios"]) == {"recipe-adam"} and summary["robust_hacker"].startswith("vgg-tiny after")
+    worst = rows["vgg-tiny", summary["robust_hacker"].removeprefix("vgg-tiny after ")]  # one row: its ratio and its accuracy
+    assert (summary["robust_hacker_ratio"], summary["robust_hacker_acc"]) == (worst.ratio, worst.protected_acc)
     assert "best / last" in report.to_markdown()
     again = EvaluationReport.from_dicts(json.loads(report.to_json()))
     assert again.to_markdown() == report.to_markdown()

@@ -106,7 +106,7 @@ def test_keys_of_different_architectures_in_turns_are_warned_before_any_work(cif
     # A state inside the output is refused right after the advice, before anything is written.
     overlapping = dict(output_dir=tmp_path / "o", state_dir=tmp_path / "o" / "state", verbose=False)
     with pytest.warns(MixedKeysWarning, match=r"^2 keys of 2 different architectures take turns in gradient matching, .* "
-                      r"match_every_key=True \(uge-hf protect --match-every-key\) matched each key as if it were alone"), \
+                      r"match_every_key=True \(uge-hf protect --match-every-key\) matches every key on each matching step"), \
             pytest.raises(ValueError, match="overlap"):
         protect(rows, keys, config, **overlapping)
     with pytest.warns(MixedKeysWarning, match="take turns"), pytest.raises(ValueError, match="column 'pixels' not found"):
@@ -221,8 +221,9 @@ def test_match_every_key_matches_both_keys_on_each_matching_step(two_key_run, ci
     assert torch.equal(search(one), search(replace(one, config=replace(one.config, match_every_key=True))))
     # Matched together, the keys' terms are summed over √k (summed at the full weight they
     # over-served the keys and freed the hackers; averaged, a resnet-small key lost its own).
-    # One checkpoint per trajectory, so that every call matches at the same weights.
-    single = replace(every, config=replace(every.config, lambda_fd=0.0), trajectories=[t[:1] + t[-1:] for t in every.trajectories])
+    # Every per-key term on; one checkpoint per trajectory, so that every call matches at the same weights.
+    single = replace(every, config=replace(every.config, lambda_fd=0.0, lambda_am=0.5, lambda_kc=0.5, lambda_ud=0.5),
+                     trajectories=[t[:1] + t[-1:] for t in every.trajectories])
     objective, x_u = Objective(single), (x + 4 / 255).clamp(0, 1)
     loss = lambda **key: objective(x, x_u, labels, seeded_generator(0, "loss"), **key)
     assert torch.allclose(loss(), (loss(key=0) + loss(key=1)) / 2 ** 0.5, rtol=1e-5)

@@ -119,7 +119,8 @@ class ProtectConfig:
     gm_classwise: bool = False  # L_gm per class of the batch, averaged (losses.gradient_matching_loss)
     # With several keys: each matching step matches every key instead of one in turn (k times
     # the matching cost, in the search and in the generator's fit); the per-key terms (L_gm,
-    # L_am, L_kc, L_ud) are summed over √k, which keeps their pull on δ near one key's.
+    # L_am, L_kc, L_ud) are summed over √k, which keeps their pull on δ near one key's if the
+    # keys' gradients on δ are near orthogonal (the rationale; measured: README, Several keys).
     match_every_key: bool = False
     # Defenses (uge_hf.losses.DEFENSE_VIEWS: jpeg, libjpeg, grayscale, blur) whose views of x_u
     # the misalignment is averaged over, with x_u itself (expectation over transformations).
@@ -357,7 +358,7 @@ def large_dataset_advice(rows: int, config: ProtectConfig) -> Optional[str]:
     ``large`` preset's (3): the default's (0.5) was measured to lose the key there, the ``large``
     preset to hold more of it (README, Paper scale and Several keys: per-sample mode, one convnet
     or ResNet-18 key, or two or three convnet keys in turns; a resnet-small key beside a convnet
-    one kept 0.55 under it in turns, 0.88 matched on every step (:func:`mixed_keys_advice`)).
+    one kept 0.55 under it in turns, 0.75 matched on every step (:func:`mixed_keys_advice`)).
 
     Example:
         >>> large_dataset_advice(5_000, ProtectConfig()) is None
@@ -401,10 +402,11 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
     return (f"{len(architectures)} keys of {len(set(architectures))} different architectures take turns in gradient matching, "
             "so each is matched on its share of the steps: on CIFAR-10 a resnet-small key beside a convnet key kept 0.30 of its "
             "clean accuracy at 5,000 rows (0.36 as the only key) and 0.55 at 10,000 rows under the preset large (0.73 alone). "
-            "match_every_key=True (uge-hf protect --match-every-key) matched each key as if it were alone (0.35 and 0.88), "
-            "but the hackers then learned as much as from a release for the resnet-small key alone, or more (vgg-small 0.81 "
-            "against 0.74 at 10,000 rows), and protect took 1.0x (5,000 rows) to 1.4x (10,000) as long as for that key alone: a "
-            "partner's architecture sets what the release protects. The public card and uge_hf.json leave match_every_key out "
+            "match_every_key=True (uge-hf protect --match-every-key) matches every key on each matching step, their terms "
+            "summed over the square root of their number: at 10,000 rows under large the resnet-small key kept 0.75 and the "
+            "convnet 0.96, the hackers learned about what a release for the resnet-small key alone leaves them (vgg-small 0.72 "
+            "against 0.74; 0.34 from a release for the convnet alone), and protect took 1.4x as long as for resnet-small alone: "
+            "a partner's architecture sets what the release protects. The public card and uge_hf.json leave match_every_key out "
             "(a reader could take it to mean that the keys differ in architecture) unless disclose_key_architecture is set. "
             "Check each key with uge-hf evaluate before publishing")
 

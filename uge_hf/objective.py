@@ -47,7 +47,8 @@ class Objective:
     With several authorized keys, each call matches gradients along one key's trajectory
     (chosen by the caller, or drawn from ``gen``): the search costs the same per step
     whatever the number of keys, and the keys take turns. With ``config.match_every_key``
-    each call matches every key's, at k times the matching cost.
+    each call matches every key's, at k times the matching cost, the per-key terms summed
+    over √k.
     """
 
     def __init__(self, state: SharedState, feature_backbone: Optional[nn.Module] = None, device: Optional[torch.device] = None):
@@ -118,9 +119,9 @@ class Objective:
         x_u = random_crop_flip(x_u, gen)
         x, views = same_crop(x), [x_u] + [same_crop(v) for v in views]
         loss = x_u.new_zeros(())
-        # Every key matched at once, the per-key terms share their weight over √k: different
-        # keys' gradients pull δ in directions near orthogonal, so their sum's norm grows as √k
-        # and this keeps the pull of one key. Summed at the full weight (convnet + resnet-small
+        # Every key matched at once, the per-key terms are summed over √k: if different keys'
+        # gradients on δ are near orthogonal, their sum's norm grows as √k and this keeps the
+        # pull of one key. Summed at the full weight (convnet + resnet-small
         # under large, 10,000 rows) the keys kept 0.97 / 0.88 and vgg-small 0.81; averaged,
         # 0.95 / 0.68 (0.73 alone) and 0.64 (README, Several keys).
         share = len(keys) ** -0.5

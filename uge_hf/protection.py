@@ -185,7 +185,7 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
     Warns ``uge_hf.LargeDatasetWarning``, before any work, when the protected splits together
     have too many rows for ``config``'s gradient matching to keep the key (``ProtectConfig.preset("large")``
     holds more of it), and ``uge_hf.MixedKeysWarning`` when keys of different architectures take
-    turns in it (``match_every_key=True`` serves each as if alone; :func:`uge_hf.config.advise`).
+    turns in it (``match_every_key=True`` serves each about as it is served alone; :func:`uge_hf.config.advise`).
 
     Raises:
         ValueError: bad input (columns, labels, an image that cannot work, naming its row;
