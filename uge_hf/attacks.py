@@ -184,10 +184,10 @@ def pgd_training(model: nn.Module, epsilon: float = 8 / 255, steps: int = DEFAUL
     start, ``steps`` signed-gradient steps of ``step_size``, each projected onto the ε-ball
     within the image box ``[0, 1]``. The default step is 2.5·ε/steps (the ``robustness``
     library's rule: 2/255 for ε = 8/255 and 10 steps), and 1.25·ε for a single step (FGSM with
-    a random start, Wong et al., 2020: with a step of 2ε or more, training overfits catastrophically
-    to the one-step adversary). The
-    model is in eval mode while the adversary is built (batch-norm statistics see only training
-    batches), as in APBench. Costs ``steps`` extra forward and backward passes per batch."""
+    a random start, Wong et al., 2020: with a step of 2ε or more, training overfits
+    catastrophically to the one-step adversary). The model is in eval mode while the adversary
+    is built (batch-norm statistics see only training batches), as in APBench. Costs ``steps``
+    extra forward and backward passes per batch."""
     alpha = step_size if step_size is not None else (1.25 * epsilon if steps == 1 else 2.5 * epsilon / steps)
 
     def transform(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-every-key", action="store_true", help="with several keys, match every key's trajectory on each "
                    "matching step rather than one in turn, their terms summed over the square root of their number: advised for keys of "
                    "different architectures (each then keeps about what it keeps alone, and the hackers what the leakiest key's own "
-                   "release leaves them); the search costs more (measured: 1.7x with 2 keys, 2.3x with 3 under the default preset; 2.0x with 2 under large). The public "
+                   "release leaves them); the search costs more (measured: 1.7x with 2 keys, 2.3x with 3 under the default preset; "
+                   "2.0x with 2 under large). The public "
                    "card leaves this setting out (it would hint that the keys differ in architecture) unless --disclose-key-architecture")
     p.add_argument("--retrain-rounds", type=int, help="rounds of retraining (default 0): train the key on the protected rows "
                    "and search each batch again along that training; each round adds a key training and a search per batch")

@@ -404,8 +404,9 @@ def mixed_keys_advice(architectures: Sequence[str], config: ProtectConfig) -> Op
             "clean accuracy at 5,000 rows (0.36 as the only key) and 0.55 at 10,000 rows under the preset large (0.73 alone). "
             "match_every_key=True (uge-hf protect --match-every-key) matches every key on each matching step, their terms "
             "summed over the square root of their number: at 10,000 rows under large the resnet-small key kept 0.75 (0.33 at "
-            "5,000 rows under the default, 0.36 alone) and the convnet 0.96, the hackers learned about what a release for the resnet-small key alone leaves them (vgg-small 0.72 "
-            "against 0.74; 0.34 from a release for the convnet alone), and protect took 1.3-1.4x as long as for resnet-small alone: "
+            "5,000 rows under the default, 0.36 alone) and the convnet 0.96, the hackers learned about what a release for the "
+            "resnet-small key alone leaves them (vgg-small 0.72 against 0.74; 0.34 from a release for the convnet alone), and "
+            "protect took 1.3-1.4x as long as for resnet-small alone: "
             "a partner's architecture sets what the release protects. The public card and uge_hf.json leave match_every_key out "
             "(a reader could take it to mean that the keys differ in architecture) unless disclose_key_architecture is set. "
             "Check each key with uge-hf evaluate before publishing")
