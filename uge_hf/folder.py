@@ -414,10 +414,10 @@ def publish_output(out: Path) -> None:
     replace = old is not None and old["run_id"] != new["run_id"]
     # A rerun of this run keeps what evaluate drew when it keeps its table (protect decided that:
     # not after an --overwrite killed mid-move, whose manifest already names this run).
-    staged_meta = staging if (staging / METADATA_NAME).is_file() else out
-    table = (read_metadata(staged_meta).get("efficacy") or {}) if (staged_meta / METADATA_NAME).is_file() else {}
-    if not replace and FIGURE_NAME in old_files and table.get("figure") == FIGURE_NAME:
-        new_files.add(FIGURE_NAME)
+    if not replace and FIGURE_NAME in old_files:
+        table_at = next((d for d in (staging, out) if (d / METADATA_NAME).is_file()), None)
+        if table_at is not None and (read_metadata(table_at).get("efficacy") or {}).get("figure") == FIGURE_NAME:
+            new_files.add(FIGURE_NAME)
     # The data first, the metadata and the card last: a card in place always describes data in place.
     moving = sorted((rel for rel in _walk(staging) if rel != MANIFEST_NAME and PurePosixPath(rel).parts[0] not in new_dirs),
                     key=lambda rel: (rel in RUN_FILES, rel))

@@ -275,16 +275,16 @@ def protect(dataset: DatasetLike, key: AuthorizedModel | Sequence[AuthorizedMode
         raise FileExistsError(f"state_dir {state_path} is a file, not a folder; pass a new or empty folder as state_dir (the CLI "
                               "puts it beside the output as OUT.uge-state: choose another --out, or move that file away)")
     state_at = state_path.resolve()
-    if out is not None and (state_at == out or out in state_at.parents or state_at in out.parents):
+    if out is not None and (state_at.is_relative_to(out) or out.is_relative_to(state_at)):
         # The output folder is what gets published; a state inside it would publish θ0.
         raise ValueError(f"state_dir {state_dir} and output_dir {output_dir} overlap: the state holds θ0 and the output folder "
                          "is what you publish; choose a state_dir outside the output folder (the CLI puts it beside it, "
                          "as OUT.uge-state)")
-    for k in keys:  # a key folder goes to a partner: it must carry neither the output nor the state (clean rows, θ0)
+    for folder in [k.folder for k in keys if k.folder is not None]:  # it goes to a partner: no output, no state (clean rows, θ0)
         inside = [f"{name} {path}" for name, path, at in (("output_dir", output_dir, out), ("state_dir", state_path, state_at))
-                  if at is not None and k.folder is not None and (at == k.folder or k.folder in at.parents)]
+                  if at is not None and at.is_relative_to(folder)]
         if inside:
-            raise ValueError(f"{' and '.join(inside)} {'lies' if len(inside) == 1 else 'lie'} inside the key folder {k.folder}, which "
+            raise ValueError(f"{' and '.join(inside)} {'lies' if len(inside) == 1 else 'lie'} inside the key folder {folder}, which "
                              "you give to a partner: it would carry the protected data or the state (clean rows, θ0's trajectory); "
                              "choose an output_dir (--out) and state_dir outside it")
     out = out or Path(tempfile.mkdtemp(prefix="uge-hf-"))
